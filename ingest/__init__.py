@@ -1,0 +1,1 @@
+"""reverse-image-search, write path: images -> ResNet50 features -> PCA -> PostgreSQL/pgvector -> Annoy."""

@@ -1,0 +1,29 @@
+"""Errors a user can cause or fix. The CLI prints them as one line and exits non-zero."""
+
+
+class RisError(Exception):
+    """Base class: anything raised as a RisError is shown to the user as its message, no traceback."""
+
+
+class SourceError(RisError):
+    """A dataset source (archive, folder, download) cannot be used."""
+
+
+class ImageError(RisError):
+    """One file cannot be used as an image; the message is the reason recorded in ingest_failures."""
+
+
+class DatabaseError(RisError):
+    """The database cannot be reached or is not usable (no pgvector, wrong password, ...)."""
+
+
+class WeightsError(RisError):
+    """Model weights cannot be loaded, or differ from the ones a collection was built with."""
+
+
+class CollectionError(RisError):
+    """A collection is missing, empty or not in a state the command needs."""
+
+
+class IndexFileError(RisError):
+    """An Annoy index file is missing, stale or damaged."""

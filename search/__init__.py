@@ -1,0 +1,1 @@
+"""reverse-image-search, read path: a query image -> the same vector as stored -> nearest images."""
