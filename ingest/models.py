@@ -1,0 +1,99 @@
+"""The tables, as SQLAlchemy models: the single source of truth that the Alembic migrations follow.
+
+Users write SQL against these names (see sql/), so they are part of the interface:
+collections, images (with `embedding`, the PCA-reduced vector searched with `<->`),
+features (the raw 2048-float ResNet50 vector of each image) and ingest_failures.
+"""
+from __future__ import annotations
+
+from datetime import datetime
+
+from pgvector.sqlalchemy import Vector
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    func,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+RAW_DIMS = 2048
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Collection(Base):
+    """A named set of images embedded by one model with one set of weights, and the PCA that reduces them."""
+
+    __tablename__ = "collections"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(Text, unique=True)
+    model: Mapped[str] = mapped_column(Text)
+    weights: Mapped[str] = mapped_column(Text)
+    weights_fingerprint: Mapped[str] = mapped_column(String(64))
+    normalization: Mapped[str] = mapped_column(Text, server_default="l2")
+    pca_dims: Mapped[int] = mapped_column(Integer)
+    pca_version: Mapped[int] = mapped_column(Integer, server_default="0")
+    pca_mean: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    pca_components: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    pca_explained_variance: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class Image(Base):
+    """One picture of a collection. `embedding` is NULL only until the collection's PCA is fitted."""
+
+    __tablename__ = "images"
+    __table_args__ = (UniqueConstraint("collection_id", "sha256"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    collection_id: Mapped[int] = mapped_column(ForeignKey("collections.id", ondelete="CASCADE"), index=True)
+    path: Mapped[str] = mapped_column(Text)
+    label: Mapped[str | None] = mapped_column(Text, nullable=True)
+    sha256: Mapped[str] = mapped_column(String(64))
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    ingested_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    # No fixed dimension: each collection has its own PCA dims (collections.pca_dims).
+    embedding = mapped_column(Vector(), nullable=True)
+
+
+class Feature(Base):
+    """The raw pooled ResNet50 output of an image, kept so PCA can be refitted without running the CNN again."""
+
+    __tablename__ = "features"
+
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
+    raw = mapped_column(Vector(RAW_DIMS), nullable=False)
+
+
+class IngestFailure(Base):
+    """A file that could not be ingested, and why. One row per path and collection; the latest reason wins."""
+
+    __tablename__ = "ingest_failures"
+    __table_args__ = (UniqueConstraint("collection_id", "path"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    collection_id: Mapped[int] = mapped_column(ForeignKey("collections.id", ondelete="CASCADE"), index=True)
+    path: Mapped[str] = mapped_column(Text)
+    reason: Mapped[str] = mapped_column(Text)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())

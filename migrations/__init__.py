@@ -1,0 +1,1 @@
+"""Alembic migrations for the reverse-image-search schema (see ingest/models.py)."""
