@@ -1,0 +1,202 @@
+"""`ingest`: load pictures into a collection, refit PCA, rebuild the Annoy file, manage the database."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ingest import sources
+from ingest.annoy_index import DEFAULT_TREES, build_index
+from ingest.db import HEAD_REVISION, stop_embedded, upgrade
+from ingest.load import DEFAULT_BATCH_SIZE, LoadSummary, finish_collection, load_collection
+from ingest.options import ErrorHandlingGroup, collection_option, database_option, json_option, open_database, print_json
+from ingest.status import status
+from ingest.store import resolve_collection
+
+
+@click.group(cls=ErrorHandlingGroup)
+@click.version_option(package_name="reverse-image-search")
+def cli():
+    """Turn a folder of pictures into a searchable index (PostgreSQL + pgvector, and an Annoy file)."""
+
+
+@cli.group(cls=ErrorHandlingGroup)
+def load():
+    """Embed pictures with ResNet50 and store them in a collection."""
+
+
+def load_options(f):
+    """Options every `ingest load` source takes."""
+    for option in reversed(
+        [
+            click.option("--collection", "-c", metavar="NAME", help="Collection name (default: caltech101, or the folder's name)."),
+            click.option("--weights", default="imagenet", show_default=True, metavar="imagenet|random|PATH",
+                         help="ResNet50 weights: ImageNet (downloaded by Keras), seeded random (offline), or a local file."),
+            click.option("--pca-dims", type=click.IntRange(1, 2000), metavar="N",
+                         help="Dims kept by PCA (default 128, or the collection's)."),
+            click.option("--limit-per-class", type=click.IntRange(1), metavar="N", help="At most N images per label (quick runs)."),
+            click.option("--batch-size", type=click.IntRange(1, 1024), default=DEFAULT_BATCH_SIZE, show_default=True),
+            click.option("--trees", type=click.IntRange(1), default=DEFAULT_TREES, show_default=True, help="Annoy trees."),
+            click.option("--strict", is_flag=True, help="Exit non-zero if any file could not be ingested."),
+            database_option,
+            json_option,
+        ]
+    ):
+        f = option(f)
+    return f
+
+
+@load.command("caltech101")
+@click.option("--source", type=click.Path(path_type=Path), help="caltech-101.zip, 101_ObjectCategories.tar.gz, or the extracted folder.")
+@load_options
+def load_caltech101(source, **options):
+    """Load Caltech 101 (without BACKGROUND_Google), downloading the official archive unless --source is given.
+
+    Example: ingest load caltech101 --source 101_ObjectCategories.tar.gz --weights random --limit-per-class 2
+    """
+    settings, db = open_database(options.pop("database_url"))
+    root = sources.prepare_caltech101(source, settings.datasets_dir)
+    candidates, skipped = sources.walk_folder(root, exclude_labels=sources.EXCLUDED_CALTECH_LABELS)
+    run_load(settings, db, options.pop("collection") or "caltech101", candidates, skipped, **options)
+
+
+@load.command("folder")
+@click.argument("path", type=click.Path(path_type=Path))
+@load_options
+def load_folder(path, **options):
+    """Load every picture under PATH; sub-folder names become labels.
+
+    Example: ingest load folder ~/Pictures/shoes --weights random
+    """
+    settings, db = open_database(options.pop("database_url"))
+    candidates, skipped = sources.walk_folder(path)
+    run_load(settings, db, options.pop("collection") or path.resolve().name, candidates, skipped, **options)
+
+
+def run_load(settings, db, name, candidates, skipped, weights, pca_dims, limit_per_class, batch_size, trees, strict, as_json):
+    """Shared tail of every load: build the model first (fails fast on weights), load, report."""
+    from ingest.features import FeatureExtractor
+
+    if limit_per_class:
+        candidates = sources.limit_per_label(candidates, limit_per_class)
+    extractor = FeatureExtractor(weights)
+    summary = load_collection(
+        db, settings.annoy_dir, name, candidates, extractor, pca_dims, batch_size, trees, skipped=skipped, progress=not as_json
+    )
+    report_load(summary, as_json)
+    if strict and summary.failed:
+        raise click.ClickException(f"{summary.failed} file(s) could not be ingested (--strict); see table ingest_failures")
+
+
+def report_load(summary: LoadSummary, as_json: bool) -> None:
+    if as_json:
+        print_json({k: v for k, v in vars(summary).items()} | {"images_per_second": round(summary.images_per_second, 2)})
+        return
+    for path, reason in summary.failures[:10]:
+        click.echo(f"failed: {path}: {reason}", err=True)
+    if len(summary.failures) > 10:
+        click.echo(f"... and {len(summary.failures) - 10} more (SELECT * FROM ingest_failures)", err=True)
+    click.echo(
+        f"{summary.collection}: {summary.ingested} ingested, {summary.present} already present, {summary.failed} failed"
+        f"{f', {summary.skipped} non-image files skipped' if summary.skipped else ''} "
+        f"in {summary.seconds:.1f} s ({summary.images_per_second:.1f} images/s)"
+    )
+
+
+@cli.command("status")
+@database_option
+@json_option
+def status_command(database_url, as_json):
+    """Collections, their sizes, and whether each Annoy index is fresh.
+
+    Example: ingest status --json
+    """
+    settings, db = open_database(database_url)
+    info = status(db, settings.annoy_dir)
+    if as_json:
+        print_json(info)
+        return
+    click.echo(f"database: {info['database']}")
+    for c in info["collections"]:
+        annoy = c["annoy"]
+        fresh = "fresh" if annoy["fresh"] else "STALE (run `ingest index`)"
+        click.echo(
+            f"{c['name']}: {c['images']} images, {c['labels']} labels, {c['dims']} dims, weights {c['weights']}, "
+            f"{c['failures']} failures; annoy {annoy['items']} items, {fresh}"
+        )
+    if not info["collections"]:
+        click.echo("no collections yet: run `ingest load`")
+
+
+@cli.command("reduce")
+@click.option("--pca-dims", type=click.IntRange(1, 2000), required=True, metavar="N", help="Dims to keep.")
+@click.option("--trees", type=click.IntRange(1), default=DEFAULT_TREES, show_default=True)
+@collection_option
+@database_option
+def reduce_command(pca_dims, trees, collection, database_url):
+    """Refit PCA from the stored raw features (no CNN run), rewrite embeddings and the Annoy file.
+
+    Example: ingest reduce --pca-dims 64 --collection caltech101
+    """
+    settings, db = open_database(database_url)
+    name = resolve_collection(db.engine, collection).name
+    coll = finish_collection(db, settings.annoy_dir, name, trees, refit_dims=pca_dims)
+    click.echo(f"{name}: PCA refitted to {coll.pca_dims} dims (version {coll.pca_version}); embeddings and Annoy index rewritten")
+
+
+@cli.command("index")
+@click.option("--trees", type=click.IntRange(1), default=DEFAULT_TREES, show_default=True)
+@collection_option
+@database_option
+def index_command(trees, collection, database_url):
+    """Rebuild the collection's Annoy file from the images table.
+
+    Example: ingest index --collection caltech101 --trees 100
+    """
+    settings, db = open_database(database_url)
+    coll = resolve_collection(db.engine, collection)
+    if coll.pca is None:
+        coll = finish_collection(db, settings.annoy_dir, coll.name, trees)
+    sidecar = build_index(db.engine, settings.annoy_dir, coll, trees)
+    click.echo(f"{coll.name}: Annoy index of {sidecar.items} items, {sidecar.trees} trees, {sidecar.dims} dims")
+
+
+@cli.group(cls=ErrorHandlingGroup)
+def db():
+    """The database: its URL, migrations, the embedded server."""
+
+
+@db.command("url")
+@database_option
+def db_url(database_url):
+    """Print a URL that psql accepts (starts the embedded server if needed).
+
+    Example: psql "$(ingest db url)"
+    """
+    _, database = open_database(database_url)
+    click.echo(database.url)
+
+
+@db.command("upgrade")
+@database_option
+def db_upgrade(database_url):
+    """Apply migrations up to the newest (idempotent; every command also does this on first use).
+
+    Example: ingest db upgrade
+    """
+    _, database = open_database(database_url)
+    upgrade(database.engine)
+    click.echo(f"database at revision {HEAD_REVISION}")
+
+
+@db.command("stop")
+def db_stop():
+    """Stop the embedded PostgreSQL server, if it runs.
+
+    Example: ingest db stop
+    """
+    from ingest.config import Settings
+    from ingest.db import stop_embedded
+
+    stopped = stop_embedded(Settings.load().pgdata)
+    click.echo("embedded server stopped" if stopped else "embedded server was not running")

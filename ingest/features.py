@@ -1,0 +1,106 @@
+"""ResNet50 features: the pooled 2048-float vector of a 224x224 image.
+
+One extractor serves ingest and queries alike, so a query becomes a vector exactly as stored images did.
+The model runs batched inside one compiled TensorFlow function; preprocessing is part of that graph.
+TensorFlow is imported here only, and only when an extractor is built.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from ingest.errors import WeightsError
+
+MODEL_NAME = "ResNet50"
+RAW_DIMS = 2048
+RANDOM_SEED = 0
+WEIGHTS_HELP = "pass --weights random (offline, seeded) or --weights PATH to a local ResNet50 weights file"
+
+
+def parse_weights(value: str) -> str:
+    """Normalise a --weights value into what a collection records: 'imagenet', 'random' or an absolute file path."""
+    if value in ("imagenet", "random"):
+        return value
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise WeightsError(f"weights must be imagenet, random or a file; no such file: {value}")
+    return str(path.resolve())
+
+
+def quiet_tensorflow():
+    """Import TensorFlow without its start-up chatter: its C++ side writes to fd 2 before any log level applies."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if "tensorflow" in sys.modules:
+        return sys.modules["tensorflow"]
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            import tensorflow as tf
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+    tf.get_logger().setLevel("ERROR")
+    return tf
+
+
+def build_resnet50(weights: str):
+    """ResNet50 without its classifier, global average pooling: the 2048-d features of the reference project."""
+    quiet_tensorflow()
+    import keras
+
+    if weights == "random":
+        keras.utils.set_random_seed(RANDOM_SEED)
+        return keras.applications.ResNet50(include_top=False, pooling="avg", weights=None)
+    try:
+        return keras.applications.ResNet50(include_top=False, pooling="avg", weights=weights)
+    except Exception as e:  # keras raises plain Exception/ValueError/OSError for download and file problems
+        what = "download the ImageNet weights" if weights == "imagenet" else f"load weights from {weights}"
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise WeightsError(f"cannot {what} ({reason}); {WEIGHTS_HELP}") from None
+
+
+def fingerprint(model) -> str:
+    """sha256 over every weight tensor: two extractors agree on vectors exactly when this agrees."""
+    digest = hashlib.sha256()
+    for w in model.weights:
+        digest.update(np.ascontiguousarray(w.numpy()).tobytes())
+    return digest.hexdigest()
+
+
+class FeatureExtractor:
+    """A loaded ResNet50 and its compiled forward pass. Build once per process; it costs seconds."""
+
+    def __init__(self, weights: str = "imagenet"):
+        tf = quiet_tensorflow()
+        from keras.applications.resnet50 import preprocess_input
+
+        self.weights = parse_weights(weights)
+        self.model = build_resnet50(self.weights)
+        self.fingerprint = fingerprint(self.model)
+        model = self.model
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 224, 224, 3], tf.uint8)], reduce_retracing=True)
+        def forward(pixels):
+            return model(preprocess_input(tf.cast(pixels, tf.float32)), training=False)
+
+        self._forward = forward
+
+    def embed(self, pixels: np.ndarray) -> np.ndarray:
+        """(n, 224, 224, 3) uint8 RGB -> (n, 2048) float32, in one compiled call."""
+        if len(pixels) == 0:
+            return np.zeros((0, RAW_DIMS), np.float32)
+        return self._forward(np.ascontiguousarray(pixels, dtype=np.uint8)).numpy().astype(np.float32, copy=False)
+
+    def check_matches(self, recorded_fingerprint: str, collection: str) -> None:
+        """Refuse to embed a query with weights other than those its collection was built with."""
+        if self.fingerprint != recorded_fingerprint:
+            raise WeightsError(
+                f"the weights loaded now ({self.weights}) differ from those collection {collection!r} was built with "
+                f"(fingerprint {self.fingerprint[:12]} != {recorded_fingerprint[:12]}); re-ingest or restore those weights"
+            )

@@ -1,0 +1,51 @@
+"""Click pieces shared by the `ingest` and `search` commands: options, JSON output, and error handling."""
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+import sqlalchemy as sa
+
+from ingest.config import Settings
+from ingest.db import Database, connect, first_line
+from ingest.errors import RisError
+
+database_option = click.option(
+    "--database-url",
+    envvar="DATABASE_URL",
+    metavar="URL",
+    help="PostgreSQL with pgvector (env DATABASE_URL). Default: the embedded server in $RIS_HOME/pgdata.",
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for programs.")
+collection_option = click.option(
+    "--collection", "-c", metavar="NAME", help="Collection name. Default: the only one, else caltech101."
+)
+
+
+def open_database(database_url: str | None) -> tuple[Settings, Database]:
+    """Settings from the flag/environment, and a migrated database."""
+    settings = Settings.load(database_url)
+    return settings, connect(settings)
+
+
+def print_json(value) -> None:
+    click.echo(json.dumps(value, indent=2, ensure_ascii=False, default=str))
+
+
+class ErrorHandlingGroup(click.Group):
+    """Turns errors a user can cause into one line and a non-zero exit, never a traceback.
+
+    RisError and database errors: exit 1. Ctrl-C: exit 130 with a line saying a rerun resumes.
+    """
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except RisError as e:
+            raise click.ClickException(str(e)) from None
+        except sa.exc.DBAPIError as e:
+            raise click.ClickException(f"database error: {first_line(str(e.orig or e))}") from None
+        except KeyboardInterrupt:
+            click.echo("\ninterrupted: what was stored is kept; run the same command again to finish", err=True)
+            sys.exit(130)

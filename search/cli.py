@@ -1,0 +1,86 @@
+"""`search`: the nearest images to a picture, ad-hoc SQL, and reports."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from ingest.config import Settings
+from ingest.options import ErrorHandlingGroup, collection_option, database_option, json_option, open_database, print_json
+from search.similar import ENGINES, Result, similar
+from search.sql import run_sql
+
+
+@click.group(cls=ErrorHandlingGroup)
+@click.version_option(package_name="reverse-image-search")
+def cli():
+    """Find the images of a collection most similar to a picture: exactly (pgvector) or fast (Annoy)."""
+
+
+@cli.command("similar")
+@click.argument("image", required=False, type=click.Path(path_type=Path))
+@click.option("--id", "image_id", type=int, help="Search with an image already stored (no CNN run).")
+@click.option("--engine", "-e", type=click.Choice(ENGINES), default="pgvector", show_default=True,
+              help="pgvector: exact SQL; annoy: fast approximate.")
+@click.option("-k", type=click.IntRange(1, 10_000), default=10, show_default=True, help="How many neighbours.")
+@click.option("--label", help="Only neighbours with this label.")
+@click.option("--where", metavar="SQL", help="Only neighbours matching this SQL condition on images (read-only).")
+@click.option("--exclude-self", is_flag=True, help="Leave the query image itself out of the results.")
+@click.option("--search-k", type=int, default=-1, show_default=True, help="Annoy's search_k (-1: trees x k).")
+@click.option("--plot", type=click.Path(path_type=Path, dir_okay=False), help="Write a PNG of the query and its neighbours.")
+@collection_option
+@database_option
+@json_option
+def similar_command(image, image_id, engine, k, label, where, exclude_self, search_k, plot, collection, database_url, as_json):
+    """The k images most similar to IMAGE (a file) or to --id N.
+
+    Example: search similar query.jpg --engine annoy -k 20
+    """
+    settings, db = open_database(database_url)
+    result = similar(db, settings.annoy_dir, collection, image, image_id, engine, k, label, where, exclude_self, search_k)
+    if plot:
+        from search.plot import plot_neighbours
+
+        plot_neighbours(plot, result.query.path, result.query.label, result.hits, f"{result.collection} · {engine}")
+    print_result(result, as_json)
+
+
+def print_result(result: Result, as_json: bool) -> None:
+    if as_json:
+        print_json([h.to_dict() for h in result.hits])
+    else:
+        rows = [(str(h.rank), f"{h.distance:.4f}", h.label or "", h.path) for h in result.hits]
+        print_table(["rank", "distance", "label", "path"], rows)
+    if result.note:
+        click.echo(f"note: {result.note}", err=True)
+
+
+def print_table(columns: list[str], rows: list[tuple]) -> None:
+    """A plain aligned text table; newlines inside values are shown as \\n so each row stays one line."""
+    cells = [[str(v).replace("\n", "\\n") if v is not None else "" for v in row] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    click.echo("  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip())
+    click.echo("  ".join("-" * w for w in widths))
+    for row in cells:
+        click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+
+
+@cli.command("sql")
+@click.argument("query", required=False)
+@click.option("-f", "--file", "sql_file", type=click.File("r"), help="Read the SQL from a file (e.g. sql/near_duplicates.sql).")
+@database_option
+@json_option
+def sql_command(query, sql_file, database_url, as_json):
+    """Run one read-only SQL statement against the tables.
+
+    Example: search sql "SELECT label, count(*) FROM images GROUP BY 1 ORDER BY 2 DESC"
+    """
+    if (query is None) == (sql_file is None):
+        raise click.UsageError("give either a SQL statement or -f FILE")
+    _, db = open_database(database_url)
+    table = run_sql(db.engine, sql_file.read() if sql_file else query)
+    if as_json:
+        click.echo(json.dumps(table.records(), indent=2, ensure_ascii=False, default=str))
+    else:
+        print_table(table.columns, table.rows)

@@ -1,0 +1,78 @@
+"""Shared fixtures: a private RIS_HOME with the real embedded PostgreSQL, and the real ResNet50 (random weights).
+
+The server and the model are started once per test session; every test gets its own collection names.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from ingest.config import Settings
+from ingest.db import connect, stop_embedded
+
+
+@pytest.fixture(scope="session")
+def ris_home(tmp_path_factory) -> Path:
+    home = tmp_path_factory.mktemp("ris")
+    yield home
+    stop_embedded(home / "pgdata")
+
+
+@pytest.fixture(autouse=True)
+def private_home(monkeypatch, ris_home):
+    """Every test, and every command it runs, uses the session's RIS_HOME and the embedded server."""
+    monkeypatch.setenv("RIS_HOME", str(ris_home))
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+
+
+@pytest.fixture(scope="session")
+def settings(ris_home) -> Settings:
+    return Settings(home=ris_home)
+
+
+@pytest.fixture(scope="session")
+def db(settings):
+    database = connect(settings)
+    yield database
+    database.dispose()
+
+
+@pytest.fixture(scope="session")
+def extractor():
+    from ingest.features import FeatureExtractor
+
+    return FeatureExtractor("random")
+
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (240, 220, 40)}
+
+
+def make_picture(colour: tuple[int, int, int], shape: str, seed: int, size=(96, 72)) -> Image.Image:
+    """A small distinct picture: a coloured shape on a noisy background, different for every seed."""
+    rng = np.random.default_rng(seed)
+    background = rng.integers(0, 60, (size[1], size[0], 3), dtype=np.uint8) + 100
+    img = Image.fromarray(background.astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(img)
+    x0, y0 = rng.integers(5, 25, 2)
+    box = (int(x0), int(y0), int(x0) + 50, int(y0) + 40)
+    (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=colour)
+    return img
+
+
+def make_folder(root: Path, labels=("red", "green", "blue"), per_label: int = 4, seed: int = 0) -> Path:
+    """root/<label>/<label>_<i>.jpg pictures; each label has its own colour and shape."""
+    for li, label in enumerate(labels):
+        (root / label).mkdir(parents=True, exist_ok=True)
+        for i in range(per_label):
+            shape = "circle" if li % 2 else "square"
+            make_picture(COLOURS[label], shape, seed * 1000 + li * 100 + i).save(root / label / f"{label}_{i}.jpg", quality=90)
+    return root
+
+
+@pytest.fixture
+def picture_folder(tmp_path) -> Path:
+    return make_folder(tmp_path / "pictures")
