@@ -71,7 +71,7 @@ class AnnoyEngine:
     """Approximate k nearest neighbours from the collection's Annoy file."""
 
     name = "annoy"
-    _open: dict[Path, object] = {}  # one mmap per file and process
+    _open: dict[tuple, object] = {}  # one mmap per file version and process
 
     def __init__(self, engine: Engine, coll: CollectionInfo, annoy_dir: Path, search_k: int = -1):
         self.engine = engine
@@ -89,8 +89,10 @@ class AnnoyEngine:
         problem = staleness(sidecar, self.path, embedding_state(self.engine, self.coll.id))
         if problem:
             raise IndexFileError(problem + hint)
-        if self.path in self._open:
-            return self._open[self.path]
+        stat = self.path.stat()
+        key = (self.path, stat.st_ino, stat.st_size, stat.st_mtime_ns)  # a rebuilt or damaged file is a new key
+        if key in self._open:
+            return self._open[key]
         index = AnnoyIndex(self.coll.pca_dims, METRIC)
         try:
             index.load(str(self.path))
@@ -98,7 +100,7 @@ class AnnoyEngine:
             raise IndexFileError(f"cannot open the Annoy index {self.path}: {e}{hint}") from None
         if index.get_n_items() != sidecar.max_id + 1 or index.f != self.coll.pca_dims:
             raise IndexFileError(f"the Annoy index {self.path} is damaged or of other dimensions{hint}")
-        self._open[self.path] = index
+        self._open[key] = index
         return index
 
     def search(self, vector: np.ndarray, k: int, where: str | None = None, exclude: int | None = None) -> list[Hit]:

@@ -34,7 +34,7 @@ def count(db, sql, **params):
 def test_load_folder_stores_images_features_embeddings_and_index(db, settings, picture_folder):
     result = run(*load_args(picture_folder, "shapes", "--json"))
     assert result.exit_code == 0, result.output
-    summary = json.loads(result.output)
+    summary = json.loads(result.stdout)
     assert (summary["ingested"], summary["present"], summary["failed"]) == (12, 0, 0)
     coll = get_collection(db.engine, "shapes")
     assert coll.pca is not None and coll.pca_dims == 4 and coll.weights == "random"
@@ -57,9 +57,9 @@ def test_load_folder_stores_images_features_embeddings_and_index(db, settings, p
 def test_rerun_adds_nothing_and_status_reports_fresh_index(db, picture_folder):
     assert run(*load_args(picture_folder, "again")).exit_code == 0
     result = run(*load_args(picture_folder, "again", "--json"))
-    summary = json.loads(result.output)
+    summary = json.loads(result.stdout)
     assert (summary["ingested"], summary["present"]) == (0, 12)
-    status = json.loads(run("status", "--json").output)
+    status = json.loads(run("status", "--json").stdout)
     entry = next(c for c in status["collections"] if c["name"] == "again")
     assert status["database"] == "embedded"
     assert entry["images"] == 12 and entry["labels"] == 3 and entry["dims"] == 4 and entry["weights"] == "random"
@@ -84,7 +84,7 @@ def test_images_added_later_use_the_existing_pca(db, tmp_path, extractor, settin
 
 def test_duplicate_files_are_stored_once(db, picture_folder):
     shutil.copy(picture_folder / "red" / "red_0.jpg", picture_folder / "green" / "copy_of_red.jpg")
-    summary = json.loads(run(*load_args(picture_folder, "dupes", "--json")).output)
+    summary = json.loads(run(*load_args(picture_folder, "dupes", "--json")).stdout)
     assert summary["ingested"] == 12 and summary["present"] == 1
 
 
@@ -93,7 +93,7 @@ def test_bad_files_are_recorded_and_strict_fails(db, picture_folder):
     (picture_folder / "red" / "text.jpg").write_text("not a picture")
     result = run(*load_args(picture_folder, "bad", "--json"))
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output)["failed"] == 2
+    assert json.loads(result.stdout)["failed"] == 2
     coll = get_collection(db.engine, "bad")
     with db.engine.connect() as conn:
         reasons = dict(conn.execute(sa.text("SELECT path, reason FROM ingest_failures WHERE collection_id = :c"), {"c": coll.id}).all())
@@ -109,7 +109,7 @@ def test_pca_dims_are_checked(db, picture_folder):
     assert too_many.exit_code == 1 and "more than the 12 images" in too_many.output
     # Nothing lost: the rows are stored, and a rerun with fewer dims finishes the collection.
     fixed = run(*load_args(picture_folder, "dims", "--json"))
-    assert fixed.exit_code == 0 and json.loads(fixed.output)["present"] == 12
+    assert fixed.exit_code == 0 and json.loads(fixed.stdout)["present"] == 12
     assert get_collection(db.engine, "dims").pca_dims == 4
     assert run("load", "folder", str(picture_folder), "--pca-dims", "2001").exit_code == 2
 

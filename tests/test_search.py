@@ -1,0 +1,215 @@
+"""search similar and search sql: exact pgvector equals brute force, Annoy agrees, errors are one line."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+from click.testing import CliRunner
+from PIL import Image
+
+from ingest.annoy_index import index_path
+from ingest.cli import cli as ingest_cli
+from ingest.store import get_collection, read_vectors
+from search.cli import cli as search_cli
+from search.engines import AnnoyEngine, PgvectorEngine, brute_force
+from tests.conftest import COLOURS, make_folder, make_picture
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory, ris_home):
+    """One collection of 4 labels x 5 pictures, loaded once for the module."""
+    os.environ["RIS_HOME"] = str(ris_home)
+    folder = make_folder(tmp_path_factory.mktemp("search") / "pics", labels=tuple(COLOURS), per_label=5, seed=3)
+    result = CliRunner().invoke(ingest_cli, ["load", "folder", str(folder), "-c", "colours", "--weights", "random", "--pca-dims", "6"])
+    assert result.exit_code == 0, result.output
+    return folder
+
+
+def search(*args):
+    return CliRunner().invoke(search_cli, list(args))
+
+
+def similar_json(*args):
+    result = search("similar", "-c", "colours", "--json", *args)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_pgvector_equals_numpy_brute_force(db, loaded):
+    coll = get_collection(db.engine, "colours")
+    ids, vectors = read_vectors(db.engine, coll.id, "embedding")
+    engine = PgvectorEngine(db.engine, coll)
+    rng = np.random.default_rng(0)
+    queries = list(vectors[:5]) + [rng.normal(size=vectors.shape[1]).astype(np.float32) * vectors.std()]
+    for q in queries:
+        hits = engine.search(q, 7)
+        want_ids, want_d = brute_force(ids, vectors, q, 7)
+        assert [h.id for h in hits] == want_ids.tolist()
+        np.testing.assert_allclose([h.distance for h in hits], want_d, rtol=1e-5, atol=1e-5)
+
+
+def test_pgvector_stays_exact_with_an_approximate_index(db, loaded):
+    coll = get_collection(db.engine, "colours")
+    ids, vectors = read_vectors(db.engine, coll.id, "embedding")
+    with db.engine.begin() as conn:
+        conn.execute(sa.text(
+            f"CREATE INDEX colours_hnsw ON images USING hnsw ((embedding::vector({coll.pca_dims})) vector_l2_ops) "
+            f"WHERE collection_id = {coll.id}"))
+    try:
+        hits = PgvectorEngine(db.engine, coll).search(vectors[3], 20)
+        assert [h.id for h in hits] == brute_force(ids, vectors, vectors[3], 20)[0].tolist()
+    finally:
+        with db.engine.begin() as conn:
+            conn.execute(sa.text("DROP INDEX colours_hnsw"))
+
+
+def test_annoy_recall_against_exact(db, settings, loaded):
+    coll = get_collection(db.engine, "colours")
+    ids, vectors = read_vectors(db.engine, coll.id, "embedding")
+    annoy = AnnoyEngine(db.engine, coll, settings.annoy_dir)
+    recalls = []
+    for q in vectors:
+        exact = set(brute_force(ids, vectors, q, 5)[0].tolist())
+        recalls.append(len(exact & {h.id for h in annoy.search(q, 5)}) / 5)
+    assert np.mean(recalls) >= 0.9
+
+
+@pytest.mark.parametrize("engine", ["pgvector", "annoy"])
+def test_stored_image_comes_back_first_at_distance_zero(loaded, engine):
+    by_file = similar_json(str(loaded / "blue" / "blue_2.jpg"), "--engine", engine, "-k", "3")
+    assert by_file[0]["path"] == str(loaded / "blue" / "blue_2.jpg") and by_file[0]["distance"] == pytest.approx(0, abs=1e-6)
+    assert [h["rank"] for h in by_file] == [1, 2, 3]
+    assert set(by_file[0]) == {"rank", "id", "path", "label", "distance"}
+    by_id = similar_json("--id", str(by_file[0]["id"]), "--engine", engine, "-k", "3")
+    assert by_id == by_file
+    excluded = similar_json("--id", str(by_file[0]["id"]), "--engine", engine, "-k", "3", "--exclude-self")
+    assert by_file[0]["id"] not in [h["id"] for h in excluded] and len(excluded) == 3
+
+
+def test_a_new_picture_is_embedded_with_the_collections_model(loaded, tmp_path, db):
+    query = tmp_path / "new.png"
+    make_picture(COLOURS["red"], "square", seed=999).save(query)
+    hits = similar_json(str(query), "-k", "4")
+    assert len(hits) == 4 and hits[0]["distance"] > 0
+    # A renamed copy of a stored picture is recognised by content: no CNN, distance 0.
+    copy = tmp_path / "copy.jpg"
+    shutil.copy(loaded / "green" / "green_1.jpg", copy)
+    assert similar_json(str(copy), "-k", "1")[0]["path"] == str(loaded / "green" / "green_1.jpg")
+
+
+@pytest.mark.parametrize("engine", ["pgvector", "annoy"])
+def test_label_and_where_filters(loaded, engine):
+    hits = similar_json(str(loaded / "red" / "red_0.jpg"), "--engine", engine, "-k", "3", "--label", "blue")
+    assert len(hits) == 3 and {h["label"] for h in hits} == {"blue"}
+    result = search("similar", "-c", "colours", str(loaded / "red" / "red_0.jpg"), "--engine", engine, "-k", "8", "--label", "blue")
+    assert result.exit_code == 0 and "only 5 of 8 neighbours match" in result.output
+    hits = similar_json(str(loaded / "red" / "red_0.jpg"), "--engine", engine, "-k", "20", "--where", "path LIKE '%_1.jpg'")
+    assert len(hits) == 4 and all(h["path"].endswith("_1.jpg") for h in hits)
+
+
+def test_where_cannot_write(loaded, db):
+    result = search("similar", "-c", "colours", "--id", "1", "--where", "true) OR (SELECT count(*) FROM (DELETE FROM images RETURNING 1) d) > 0 OR (true")
+    assert result.exit_code == 1
+    assert CliRunner().invoke(search_cli, ["sql", "SELECT count(*) FROM images"]).exit_code == 0
+
+
+def test_plot_writes_a_png(loaded, tmp_path):
+    out = tmp_path / "n.png"
+    result = search("similar", "-c", "colours", str(loaded / "yellow" / "yellow_0.jpg"), "-k", "4", "--plot", str(out))
+    assert result.exit_code == 0, result.output
+    with Image.open(out) as img:
+        assert img.format == "PNG" and img.width > 4 * 100
+
+
+def test_stale_or_missing_annoy_index_is_refused(loaded, settings, tmp_path):
+    ann = index_path(settings.annoy_dir, "colours")
+    backup = tmp_path / "backup.ann"
+    shutil.copy(ann, backup)
+    try:
+        ann.write_bytes(ann.read_bytes()[:100])
+        result = search("similar", "-c", "colours", "--id", "1", "--engine", "annoy")
+        assert result.exit_code == 1 and "ingest index" in result.output
+        ann.unlink()
+        result = search("similar", "-c", "colours", "--id", "1", "--engine", "annoy")
+        assert result.exit_code == 1 and "no Annoy index" in result.output and "ingest index" in result.output
+    finally:
+        shutil.copy(backup, ann)
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["similar", "/no/such/file.jpg"], "no such file"),
+        (["similar", "--id", "999999"], "no image with id 999999"),
+        (["similar"], "give either an image file or --id"),
+        (["similar", "--id", "1", "-k", "0"], "Invalid value for '-k'"),
+        (["similar", "--id", "1", "-c", "nope"], "no collection named 'nope'"),
+        (["sql", "DELETE FROM images"], "refused"),
+        (["sql", "UPDATE images SET label = 'x'"], "refused"),
+        (["sql", "DROP TABLE images"], "refused"),
+        (["sql", "INSERT INTO collections (name) VALUES ('x')"], "refused"),
+        (["sql", "COPY images TO PROGRAM 'touch /tmp/ris-pwned'"], "refused"),
+        (["sql", "SELECT 1; DELETE FROM images"], "refused"),
+        (["sql", "SELEC 1"], "SQL error"),
+    ],
+)
+def test_errors_are_one_line(loaded, args, expected):
+    if args[0] == "similar" and "-c" not in args:
+        args = args + ["-c", "colours"]
+    result = search(*args)
+    assert result.exit_code in (1, 2)
+    assert expected in result.output and "Traceback" not in result.output
+
+
+def test_a_non_image_query_is_one_line(loaded, tmp_path):
+    bad = tmp_path / "bad.jpg"
+    bad.write_text("hello")
+    result = search("similar", str(bad), "-c", "colours")
+    assert result.exit_code == 1 and "cannot use" in result.output and "not an image" in result.output
+
+
+def test_sql_changes_nothing_and_prints_json(loaded, db):
+    with db.engine.connect() as conn:
+        before = conn.execute(sa.text("SELECT count(*) FROM images")).scalar()
+    for statement in ["DELETE FROM images", "SELECT 1; DELETE FROM images", "DROP TABLE images CASCADE"]:
+        assert search("sql", statement).exit_code == 1
+    with db.engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM images")).scalar() == before
+    result = search("sql", "SELECT label, count(*) AS n FROM images i JOIN collections c ON c.id = i.collection_id "
+                    "WHERE c.name = 'colours' GROUP BY 1 ORDER BY 1", "--json")
+    assert json.loads(result.stdout) == [{"label": l, "n": 5} for l in sorted(COLOURS)]
+    assert not os.path.exists("/tmp/ris-pwned")
+
+
+def test_an_empty_collection_is_refused(db, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert CliRunner().invoke(ingest_cli, ["load", "folder", str(empty), "--weights", "random"]).exit_code == 0
+    result = search("similar", "--id", "1", "-c", "empty")
+    assert result.exit_code == 1 and "no searchable images" in result.output
+
+
+def test_query_with_other_weights_is_refused(loaded, db, tmp_path):
+    with db.engine.begin() as conn:
+        conn.execute(sa.text("UPDATE collections SET weights_fingerprint = 'deadbeef' WHERE name = 'colours'"))
+    try:
+        query = tmp_path / "q.png"
+        make_picture(COLOURS["green"], "circle", seed=4242).save(query)
+        result = search("similar", str(query), "-c", "colours")
+        assert result.exit_code == 1 and "differ from those collection 'colours' was built with" in result.output
+    finally:
+        coll = get_collection(db.engine, "colours")
+        from search.query import extractor_for  # noqa: F401  (the model is cached per process)
+        with db.engine.begin() as conn:
+            conn.execute(sa.text("UPDATE collections SET weights_fingerprint = :f WHERE name = 'colours'"),
+                         {"f": _fingerprint_of_random()})
+
+
+def _fingerprint_of_random():
+    from search.query import _extractors
+
+    return _extractors["random"].fingerprint
