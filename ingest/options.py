@@ -1,14 +1,16 @@
-"""Click pieces shared by the `ingest` and `search` commands: options, JSON output, and error handling."""
+"""Click pieces shared by the `ingest` and `search` commands: options, JSON output, and error handling.
+
+Heavy modules (SQLAlchemy, the database layer) are imported when a command runs, not here, so that
+`--help` answers at once.
+"""
 from __future__ import annotations
 
 import json
 import sys
 
 import click
-import sqlalchemy as sa
 
 from ingest.config import Settings
-from ingest.db import Database, connect, first_line
 from ingest.errors import RisError
 
 database_option = click.option(
@@ -23,8 +25,10 @@ collection_option = click.option(
 )
 
 
-def open_database(database_url: str | None) -> tuple[Settings, Database]:
+def open_database(database_url: str | None):
     """Settings from the flag/environment, and a migrated database."""
+    from ingest.db import connect
+
     settings = Settings.load(database_url)
     return settings, connect(settings)
 
@@ -44,8 +48,12 @@ class ErrorHandlingGroup(click.Group):
             return super().invoke(ctx)
         except RisError as e:
             raise click.ClickException(str(e)) from None
-        except sa.exc.DBAPIError as e:
-            raise click.ClickException(f"database error: {first_line(str(e.orig or e))}") from None
         except KeyboardInterrupt:
             click.echo("\ninterrupted: what was stored is kept; run the same command again to finish", err=True)
             sys.exit(130)
+        except Exception as e:
+            if "sqlalchemy" in sys.modules and isinstance(e, sys.modules["sqlalchemy"].exc.DBAPIError):
+                from ingest.db import first_line
+
+                raise click.ClickException(f"database error: {first_line(str(e.orig or e))}") from None
+            raise

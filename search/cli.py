@@ -6,10 +6,8 @@ from pathlib import Path
 
 import click
 
-from ingest.config import Settings
 from ingest.options import ErrorHandlingGroup, collection_option, database_option, json_option, open_database, print_json
-from search.similar import ENGINES, Result, similar
-from search.sql import run_sql
+from search import ENGINES
 
 
 @click.group(cls=ErrorHandlingGroup)
@@ -37,6 +35,8 @@ def similar_command(image, image_id, engine, k, label, where, exclude_self, sear
 
     Example: search similar query.jpg --engine annoy -k 20
     """
+    from search.similar import similar
+
     settings, db = open_database(database_url)
     result = similar(db, settings.annoy_dir, collection, image, image_id, engine, k, label, where, exclude_self, search_k)
     if plot:
@@ -46,7 +46,7 @@ def similar_command(image, image_id, engine, k, label, where, exclude_self, sear
     print_result(result, as_json)
 
 
-def print_result(result: Result, as_json: bool) -> None:
+def print_result(result, as_json: bool) -> None:
     if as_json:
         print_json([h.to_dict() for h in result.hits])
     else:
@@ -78,6 +78,8 @@ def sql_command(query, sql_file, database_url, as_json):
     """
     if (query is None) == (sql_file is None):
         raise click.UsageError("give either a SQL statement or -f FILE")
+    from search.sql import run_sql
+
     _, db = open_database(database_url)
     table = run_sql(db.engine, sql_file.read() if sql_file else query)
     if as_json:

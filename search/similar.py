@@ -7,10 +7,9 @@ from pathlib import Path
 from ingest.db import Database
 from ingest.errors import RisError
 from ingest.store import CollectionInfo, resolve_collection
+from search import ENGINES
 from search.engines import AnnoyEngine, Hit, PgvectorEngine
 from search.query import Query, check_searchable, query_by_file, query_by_id
-
-ENGINES = ("pgvector", "annoy")
 
 
 @dataclass(frozen=True)
