@@ -146,3 +146,15 @@ def test_unknown_weights_and_missing_folder_are_one_line(tmp_path):
     assert result.exit_code == 1 and "no such file" in result.output and "Traceback" not in result.output
     result = run("load", "folder", str(tmp_path / "missing"), "--weights", "random")
     assert result.exit_code == 1 and result.output.startswith("Error:")
+
+
+def test_imagenet_weights_that_cannot_be_downloaded_fail_before_any_work(db, picture_folder, tmp_path, monkeypatch):
+    # Keras downloads with urllib: a closed local proxy makes the download fail at once, online or not.
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
+    result = run("load", "folder", str(picture_folder), "--collection", "imagenet-offline")
+    assert result.exit_code == 1
+    assert "cannot download the ImageNet weights" in result.output and "--weights" in result.output
+    assert result.stderr.count("\n") == 1  # Keras's own "Downloading data from ..." goes to stdout
+    assert count(db, "SELECT count(*) FROM collections WHERE name = 'imagenet-offline'") == 0
