@@ -58,9 +58,9 @@ class PgvectorEngine:
             f" WHERE {' AND '.join(conditions)} ORDER BY embedding <-> CAST(:q AS vector), id LIMIT :k"
         )
         with self.engine.begin() as conn:
-            read_only(conn)
-            conn.execute(sa.text("SET LOCAL enable_indexscan = off"))
-            conn.execute(sa.text("SET LOCAL enable_bitmapscan = off"))
+            if where:
+                read_only(conn)
+            conn.execute(sa.text("SELECT set_config('enable_indexscan', 'off', true), set_config('enable_bitmapscan', 'off', true)"))
             rows = conn.execute(
                 sa.text(sql), {"c": self.coll.id, "q": vector_literal(vector), "k": k, "exclude": exclude}
             ).all()
@@ -125,7 +125,8 @@ class AnnoyEngine:
         """path and label of the ids Annoy returned, keeping only rows of this collection that match `where`."""
         condition = f" AND ({where})" if where else ""
         with self.engine.begin() as conn:
-            read_only(conn)
+            if where:
+                read_only(conn)
             result = conn.execute(
                 sa.text(f"SELECT id, path, label FROM images WHERE collection_id = :c AND id = ANY(:ids){condition}"),
                 {"c": self.coll.id, "ids": list(ids)},
