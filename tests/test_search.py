@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -213,3 +215,16 @@ def _fingerprint_of_random():
     from search.query import _extractors
 
     return _extractors["random"].fingerprint
+
+
+@pytest.mark.parametrize("args", [["similar", "--id", "{id}"], ["similar", "{file}"], ["sql", "SELECT 1"], ["--help"]])
+def test_stored_queries_sql_and_help_do_not_import_tensorflow(loaded, args):
+    first = similar_json(str(loaded / "red" / "red_0.jpg"), "-k", "1")[0]
+    args = [a.format(id=first["id"], file=first["path"]) for a in args] + (["-c", "colours"] if args[0] == "similar" else [])
+    code = (
+        "import sys; from click.testing import CliRunner; from search.cli import cli; "
+        f"r = CliRunner().invoke(cli, {args!r}); assert r.exit_code == 0, r.output; "
+        "print('tensorflow' in sys.modules or 'keras' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "False"
