@@ -34,7 +34,18 @@ def open_database(database_url: str | None):
 
 
 def print_json(value) -> None:
-    click.echo(json.dumps(value, indent=2, ensure_ascii=False, default=str))
+    click.echo(json.dumps(value, indent=2, ensure_ascii=False, default=to_json))
+
+
+def to_json(value):
+    """What json cannot encode itself: vectors and arrays become lists, Decimals floats, the rest text."""
+    if hasattr(value, "to_numpy"):  # pgvector's Vector
+        value = value.to_numpy()
+    if hasattr(value, "tolist"):  # numpy arrays and scalars
+        return value.tolist()
+    if type(value).__name__ == "Decimal":
+        return float(value)
+    return str(value)
 
 
 class ErrorHandlingGroup(click.Group):

@@ -1,12 +1,11 @@
 """`search`: the nearest images to a picture, ad-hoc SQL, and reports."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 
-from ingest.options import ErrorHandlingGroup, collection_option, database_option, json_option, open_database, print_json
+from ingest.options import ErrorHandlingGroup, collection_option, database_option, json_option, open_database, print_json, to_json
 from search import ENGINES
 
 
@@ -58,12 +57,21 @@ def print_result(result, as_json: bool) -> None:
 
 def print_table(columns: list[str], rows: list[tuple]) -> None:
     """A plain aligned text table; newlines inside values are shown as \\n so each row stays one line."""
-    cells = [[str(v).replace("\n", "\\n") if v is not None else "" for v in row] for row in rows]
+    cells = [[cell_text(v) for v in row] for row in rows]
     widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
     click.echo("  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip())
     click.echo("  ".join("-" * w for w in widths))
     for row in cells:
         click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+
+
+def cell_text(value) -> str:
+    """One table cell: vectors as [a, b, ...], None as empty, newlines shown as \\n."""
+    if value is None:
+        return ""
+    if not isinstance(value, (str, int, float)):
+        value = to_json(value)
+    return str(value).replace("\n", "\\n")
 
 
 @cli.command("sql")
@@ -83,6 +91,36 @@ def sql_command(query, sql_file, database_url, as_json):
     _, db = open_database(database_url)
     table = run_sql(db.engine, sql_file.read() if sql_file else query)
     if as_json:
-        click.echo(json.dumps(table.records(), indent=2, ensure_ascii=False, default=str))
+        print_json(table.records())
     else:
         print_table(table.columns, table.rows)
+
+
+@cli.command("report")
+@click.option("--out", "-o", required=True, type=click.Path(path_type=Path, file_okay=False),
+              help="Folder for index.html and its PNGs (created if missing).")
+@click.option("--sample", type=click.IntRange(1), metavar="N", help="Look at N images drawn with --seed. Default: all.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for the sample, the example queries and t-SNE.")
+@click.option("-k", type=click.IntRange(1, 100), default=4, show_default=True, help="Neighbours per query (precision@k, grids).")
+@collection_option
+@database_option
+@json_option
+def report_command(out, sample, seed, k, collection, database_url, as_json):
+    """Write an HTML report of a collection: t-SNE maps, neighbour grids, PCA variance, precision@k and speed.
+
+    Example: search report --collection caltech101 --out report/ && open report/index.html
+    """
+    from search.report import build_report
+
+    settings, db = open_database(database_url)
+    summary = build_report(db, settings.annoy_dir, collection, out, sample, seed, k, progress=not as_json)
+    if as_json:
+        print_json(summary.to_dict())
+        return
+    click.echo(f"{summary.collection}: {summary.sampled} of {summary.images} images, {summary.labels} labels, k={k}; {summary.tsne}")
+    quality = [("precision@k, pgvector (exact)", summary.precision_exact), ("precision@k, Annoy", summary.precision_annoy),
+               ("Annoy recall@k", summary.annoy_recall)]
+    print_table(["measure", "value"], [(name, "n/a" if v is None else f"{v:.3f}") for name, v in quality])
+    print_table(["engine", "p50 ms", "p95 ms"], [(t.engine, f"{t.p50_ms:.2f}", f"{t.p95_ms:.2f}") for t in summary.latency])
+    print_table(["part", "seconds"], [(p, f"{t:.1f}") for p, t in summary.timings.items()] + [("total", f"{sum(summary.timings.values()):.1f}")])
+    click.echo(f"wrote {summary.files[0]} and {len(summary.files) - 1} PNGs")

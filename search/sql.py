@@ -14,6 +14,7 @@ from sqlalchemy.engine import Engine
 
 from ingest.db import first_line
 from ingest.errors import RisError
+from ingest.store import vector_cursor
 
 READER_ROLE = "ris_reader"
 
@@ -42,7 +43,7 @@ def run_sql(engine: Engine, query: str) -> Table:
         try:
             with conn.begin() as txn:
                 read_only(conn)
-                cur = conn.connection.driver_connection.cursor()
+                cur = vector_cursor(conn)
                 cur.execute(query, prepare=True)
                 columns = [c.name for c in cur.description] if cur.description else []
                 rows = cur.fetchall() if cur.description else []

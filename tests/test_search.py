@@ -24,9 +24,11 @@ from tests.conftest import COLOURS, make_folder, make_picture
 @pytest.fixture(scope="module")
 def loaded(tmp_path_factory, ris_home):
     """One collection of 4 labels x 5 pictures, loaded once for the module."""
-    os.environ["RIS_HOME"] = str(ris_home)
     folder = make_folder(tmp_path_factory.mktemp("search") / "pics", labels=tuple(COLOURS), per_label=5, seed=3)
-    result = CliRunner().invoke(ingest_cli, ["load", "folder", str(folder), "-c", "colours", "--weights", "random", "--pca-dims", "6"])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RIS_HOME", str(ris_home))
+        args = ["load", "folder", str(folder), "-c", "colours", "--weights", "random", "--pca-dims", "6"]
+        result = CliRunner().invoke(ingest_cli, args)
     assert result.exit_code == 0, result.output
     return folder
 
@@ -228,3 +230,10 @@ def test_stored_queries_sql_and_help_do_not_import_tensorflow(loaded, args):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "False"
+
+
+def test_sql_json_prints_vectors_as_arrays(loaded):
+    result = search("sql", "SELECT embedding, embedding <-> embedding AS zero FROM images i JOIN collections c "
+                    "ON c.id = i.collection_id WHERE c.name = 'colours' ORDER BY i.id LIMIT 1", "--json")
+    row = json.loads(result.stdout)[0]
+    assert isinstance(row["embedding"], list) and len(row["embedding"]) == 6 and row["zero"] == 0
