@@ -187,7 +187,7 @@ def read_vectors(engine: Engine, collection_id: int, column: str, where: str = "
     }[column]
     with engine.connect() as conn:
         cur = vector_cursor(conn)
-        cur.execute(f"{source} WHERE i.collection_id = %s {where} ORDER BY i.id", (collection_id,))
+        cur.execute(f"{source} WHERE i.collection_id = %s {where} ORDER BY i.id", (collection_id,), binary=True)
         rows = cur.fetchall()
     if not rows:
         return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)

@@ -42,6 +42,12 @@ from scipy.spatial.distance import cdist  # noqa: E402
 
 TSNE_PERPLEXITY = 30
 TSNE_EARLY_ITER, TSNE_ITER = 250, 500  # openTSNE's defaults, spelled out for the progress bar
+TSNE_CHOICE = (
+    "t-SNE by openTSNE (Barnes-Hut gradients, exact neighbour affinities), chosen over scikit-learn's TSNE after one "
+    "measurement on 8,677 x 128 random clustered vectors, 2 cores, perplexity 30, seed 0: openTSNE took 38-49 s and "
+    "scikit-learn 88-148 s in the same session, with the same quality (KL 0.837 against 0.846; 32.4% against 32.1% "
+    "of each point's 10 nearest neighbours kept); both gave the same map twice for one seed."
+)
 GRID_QUERIES = 5
 LATENCY_QUERIES = 50
 BEST_WORST = 5
@@ -169,6 +175,7 @@ def build_report(
     with clock("t-SNE figures"):
         labels = [images.labels[r] for r in rows]
         files += plot_tsne(out, xy, labels, f"{coll.name}: t-SNE of {len(rows)} embeddings")
+    with clock("thumbnail map"):
         files.append(plot_thumbnail_map(out, xy, [images.paths[r] for r in rows], rng_for(seed, "thumbnails"),
                                         f"{coll.name}: thumbnails on the t-SNE map", progress))
     with clock("neighbour grids"):
@@ -190,12 +197,14 @@ def build_report(
 
 
 def load_images(engine: Engine, coll: CollectionInfo) -> Images:
+    """Every searchable image: id, embedding, path and label."""
     ids, vectors = read_vectors(engine, coll.id, "embedding", "AND i.embedding IS NOT NULL")
     rows = image_paths(engine, ids.tolist())
     return Images(ids, vectors, [rows[i][0] for i in ids.tolist()], [rows[i][1] for i in ids.tolist()])
 
 
 def check_sizes(n: int, sample: int | None, k: int) -> None:
+    """Refuse what cannot make a report: k other neighbours need k + 1 images, a map at least a handful."""
     if sample is not None and sample < MIN_IMAGES:
         raise RisError(f"--sample must be at least {MIN_IMAGES}, got {sample}")
     if k < 1:
@@ -313,6 +322,14 @@ def tsne_perplexity(n: int) -> float:
     return float(min(TSNE_PERPLEXITY, max(1, (n - 1) // 3)))
 
 
+def tsne_threads(n: int) -> int:
+    """Every core for large maps; one for small ones, where threads cost more than they save (and wait on
+    each other badly when another process holds a core). The map is the same for any number of threads."""
+    if n < 2000:
+        return 1
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def run_tsne(vectors: np.ndarray, seed: int, progress: bool = False) -> tuple[np.ndarray, str]:
     """2-d openTSNE map of the embeddings (exact affinities, PCA initialisation), and a line saying how it was made."""
     import openTSNE
@@ -320,14 +337,19 @@ def run_tsne(vectors: np.ndarray, seed: int, progress: bool = False) -> tuple[np
     perplexity = tsne_perplexity(len(vectors))
     every = 25
     with tqdm(total=TSNE_EARLY_ITER + TSNE_ITER, desc="t-SNE", unit="iter", disable=not progress) as bar:
+
+        def tick(iteration, error, embedding) -> bool:
+            bar.update(every)
+            return False  # never stop early
+
         tsne = openTSNE.TSNE(
             perplexity=perplexity,
             early_exaggeration_iter=TSNE_EARLY_ITER,
             n_iter=TSNE_ITER,
             neighbors="exact",
             random_state=seed,
-            n_jobs=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1,
-            callbacks=lambda *_: bar.update(every) and False,
+            n_jobs=tsne_threads(len(vectors)),
+            callbacks=tick,
             callbacks_every_iters=every,
             verbose=False,
         )
@@ -393,27 +415,29 @@ def plot_tsne(out: Path, xy: np.ndarray, labels: list[str | None], title: str) -
 
 
 def place_names(ax, points: list[np.ndarray], names: list[str], sizes: list[int], font: int) -> None:
-    """Write each name at its point, nudged up or down (largest labels first) where it would cover a name
-    already written; a thin line leads from the point to a moved name."""
+    """Write each name at its point or, where it would cover a name already written (largest labels go
+    first), at the nearest free spot around it; a thin line leads from the point to a moved name."""
     ax.figure.canvas.draw()  # fixes the data-to-pixel mapping the boxes are measured in
     renderer = ax.figure.canvas.get_renderer()
-    to_data = ax.transData.inverted()
     halo = [patheffects.withStroke(linewidth=2.5, foreground="white")]
+    steps = sorted(((dx, dy) for dx in range(-3, 4) for dy in range(-10, 11)), key=lambda m: (m[0] * 2.5) ** 2 + m[1] ** 2)
     placed = []
     for i in sorted(range(len(names)), key=lambda i: (-sizes[i], names[i])):
         text = ax.text(*points[i], names[i], ha="center", va="center", fontsize=font, fontweight="bold", path_effects=halo, zorder=3)
         box = text.get_window_extent(renderer)
-        moves = [(0, 0)] + [(dx * box.width * 0.6, dy * box.height * 1.1) for dy in (1, -1, 2, -2, 3, -3, 4, -4) for dx in (0, 1, -1)]
-        for dx, dy in moves:
-            if not any(box.translated(dx, dy).overlaps(other) for other in placed):
-                break
-        else:
-            dx, dy = 0, 0
+        moves = [(dx * box.width * 0.55, dy * box.height * 1.05) for dx, dy in steps]
+        crowding = lambda m: sum(overlap(box.translated(*m), other) for other in placed)  # noqa: E731
+        dx, dy = next((m for m in moves if crowding(m) == 0), None) or min(moves, key=crowding)
         placed.append(box.translated(dx, dy))
         if dx or dy:
             anchor = ax.transData.transform(points[i])
-            text.set_position(to_data.transform(anchor + (dx, dy)))
+            text.set_position(ax.transData.inverted().transform(anchor + (dx, dy)))
             ax.plot(*np.column_stack([points[i], text.get_position()]), color="0.4", linewidth=0.6, zorder=2)
+
+
+def overlap(a, b) -> float:
+    """Area two display boxes share."""
+    return max(0.0, min(a.x1, b.x1) - max(a.x0, b.x0)) * max(0.0, min(a.y1, b.y1) - max(a.y0, b.y0))
 
 
 def grid_cells(xy: np.ndarray) -> tuple[int, np.ndarray]:
@@ -440,11 +464,13 @@ def plot_thumbnail_map(out: Path, xy: np.ndarray, paths: list[str], rng: np.rand
         thumb = thumbnail(paths[i], cell - 2)
         left, top = col * cell, (g - 1 - row) * cell  # row 0 is the bottom of the map, as on the scatter plots
         canvas.paste(thumb, (left + (cell - thumb.width) // 2, top + (cell - thumb.height) // 2))
-    side, header = g * cell, 60
+    subset = f"{len(shown)} of {len(xy)} images (seeded subset)" if len(shown) < len(xy) else f"{len(xy)} images"
+    lines = [title, f"{subset} on a {g} x {g} grid"]
+    side, header = g * cell, 90
+    points = min(22.0, 0.9 * side / (0.6 * max(map(len, lines))) * 0.72)  # the longer line fits the width
     fig = plt.figure(figsize=(side / 100, (side + header) / 100), dpi=100)
     fig.figimage(np.asarray(canvas), xo=0, yo=0, origin="upper")
-    subset = f"{len(shown)} of {len(xy)} images (seeded subset)" if len(shown) < len(xy) else f"{len(xy)} images"
-    fig.text(0.5, 1 - header / 2 / (side + header), f"{title}: {subset} on a {g} x {g} grid", ha="center", va="center", fontsize=22)
+    fig.text(0.5, 1 - header / 2 / (side + header), "\n".join(lines), ha="center", va="center", fontsize=points)
     path = out / "tsne_thumbnails.png"
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -458,12 +484,12 @@ def plot_neighbour_grids(out: Path, queries: np.ndarray, images: Images, pgvecto
     for n, row in enumerate(queries.tolist(), 1):
         vector, item, label = images.vectors[row], int(images.ids[row]), images.labels[row]
         results = [("pgvector (exact)", pgvector.search(vector, k, exclude=item)), ("Annoy", annoy.search(vector, k, exclude=item))]
-        fig, axes = plt.subplots(2, k + 1, figsize=(2.2 * (k + 1), 5.6), squeeze=False)
+        fig, axes = plt.subplots(2, k + 1, figsize=(2.2 * (k + 1), 5.6), squeeze=False,
+                                 gridspec_kw={"wspace": 0.08, "hspace": 0.35, "top": 0.86})  # no tight_layout: too slow here
         for ax_row, (engine, hits) in zip(axes, results):
             draw_row(ax_row, images.paths[row], label, hits, engine)
         fig.suptitle(f"query {n}: image {item} ({label or 'no label'}), its {k} nearest other images; red ✗ = another label",
                      fontsize=10)
-        fig.tight_layout()
         files.append(save(fig, out / f"neighbours_{n}.png"))
     return files
 
@@ -474,18 +500,18 @@ def plot_variance(out: Path, curve: np.ndarray, dims: int, collection: str) -> P
     at = min(dims, len(curve))
     fig, ax = plt.subplots(figsize=(9, 5.5))
     ax.plot(x, 100 * curve, color="C0", label="cumulative explained variance")
-    ax.axvline(dims, color="C3", linestyle="--", label=f"stored dims: {dims} keep {100 * curve[at - 1]:.1f}%")
+    ax.axvline(dims, color="C3", linestyle="--", label=f"stored: {dims} dims keep {100 * curve[at - 1]:.1f}%")
     ax.plot([at], [100 * curve[at - 1]], "o", color="C3")
-    for share in (0.5, 0.9):
+    for share in (0.9, 0.95):
         needed = int(np.searchsorted(curve, share) + 1)
-        if needed <= len(curve):
+        if needed <= len(curve):  # the text goes up and left of its point, where a rising curve never is
             ax.plot([needed], [100 * curve[needed - 1]], "s", color="C2", markersize=5)
-            ax.annotate(f"{share:.0%} of the variance: {needed} dims", (needed, 100 * curve[needed - 1]),
-                        textcoords="offset points", xytext=(8, -4), fontsize=9, color="C2", va="top")
+            ax.annotate(f"{share:.0%} of the variance: {needed} dim{'s' if needed > 1 else ''}", (needed, 100 * curve[needed - 1]),
+                        textcoords="offset points", xytext=(-6, 4), fontsize=9, color="C2", ha="right", va="bottom")
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.set_xlim(1, len(curve))
-    ax.set_ylim(0, 100)
+    ax.set_ylim(0, 104)
     ax.set_xlabel("number of PCA components (log scale)")
     ax.set_ylabel("cumulative explained variance (%)")
     ax.set_title(f"{collection}: PCA of the normalised raw features, refit on {len(curve)} components")
@@ -533,9 +559,12 @@ def plot_latency(out: Path, latency: list[Latency], n: int, k: int) -> Path:
 # The page
 
 
-def table(header: list[str], rows: list[list]) -> str:
+def table(header: list[str] | None, rows: list[list]) -> str:
+    """An HTML table, every value escaped; without a header the first column is set as row headings."""
     cells = lambda tag, row: "".join(f"<{tag}>{html.escape(str(v))}</{tag}>" for v in row)  # noqa: E731
-    return f"<table><tr>{cells('th', header)}</tr>" + "".join(f"<tr>{cells('td', r)}</tr>" for r in rows) + "</table>"
+    head = f"<tr>{cells('th', header)}</tr>" if header else ""
+    body = "".join(f"<tr>{cells('td', r) if header else cells('th', r[:1]) + cells('td', r[1:])}</tr>" for r in rows)
+    return f"<table>{head}{body}</table>"
 
 
 def figure(path: Path, caption: str) -> str:
@@ -568,11 +597,12 @@ def write_html(path: Path, s: ReportSummary, files: list[Path]) -> Path:
     k = s.k
     parts = [
         "<h2>What this is</h2>",
-        table(["", ""], [
+        table(None, [
             ["collection", s.collection], ["searchable images", s.images],
             ["images in this report", f"{s.sampled} ({'all' if s.sampled == s.images else f'sample drawn with seed {s.seed}'})"],
             ["labels", s.labels], ["stored dims (PCA)", s.pca_dims], ["k", k], ["seed", s.seed], ["t-SNE", s.tsne],
         ]),
+        f"<p>{html.escape(TSNE_CHOICE)}</p>",
         "<p>Queries are the images in this report; their neighbours are searched among all images of the collection, "
         "always leaving the query itself out.</p>",
         "<h2>t-SNE map of the embeddings</h2>",

@@ -1,0 +1,158 @@
+"""search report: a small collection loaded through the CLI, reports built on it, files and numbers checked
+against an independent computation (read_vectors + brute force by hand, AnnoyEngine.search one query at a time)."""
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+from click.testing import CliRunner
+from PIL import Image
+
+from ingest.cli import cli as ingest_cli
+from ingest.reduce import normalize
+from ingest.store import get_collection, read_vectors
+from search.cli import cli as search_cli
+from search.engines import AnnoyEngine, brute_force
+from search.report import build_report, exact_neighbours, grid_cells, tsne_perplexity
+from tests.conftest import make_folder
+
+NAME = "report-shapes"
+K = 4
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory, ris_home, db):
+    """24 pictures, 4 labels x 6, loaded with the real CLI (random weights, 4 dims)."""
+    folder = make_folder(tmp_path_factory.mktemp("report") / "pictures", labels=("red", "green", "blue", "yellow"), per_label=6)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RIS_HOME", str(ris_home))
+        mp.delenv("DATABASE_URL", raising=False)
+        result = CliRunner().invoke(ingest_cli, ["load", "folder", str(folder), "--collection", NAME, "--weights", "random", "--pca-dims", "4"])
+    assert result.exit_code == 0, result.output
+    return get_collection(db.engine, NAME)
+
+
+@pytest.fixture(scope="module")
+def report(collection, db, settings, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report-out")
+    return build_report(db, settings.annoy_dir, NAME, out, seed=0, k=K, progress=False)
+
+
+def by_hand(db, settings, coll):
+    """Leave-one-out precision@k (exact and Annoy) and Annoy's recall, one query at a time."""
+    ids, vectors = read_vectors(db.engine, coll.id, "embedding")
+    with db.engine.connect() as conn:
+        label = dict(conn.execute(sa.text("SELECT id, label FROM images WHERE collection_id = :c"), {"c": coll.id}).all())
+    annoy = AnnoyEngine(db.engine, coll, settings.annoy_dir)
+    exact_p, annoy_p, recall = [], [], []
+    for item, vector in zip(ids.tolist(), vectors):
+        near, _ = brute_force(ids, vectors, vector, K + 1)
+        near = [i for i in near.tolist() if i != item][:K]
+        approx = [h.id for h in annoy.search(vector, K, exclude=item)]
+        exact_p.append(sum(label[i] == label[item] for i in near) / K)
+        annoy_p.append(sum(label[i] == label[item] for i in approx) / K)
+        recall.append(len(set(near) & set(approx)) / K)
+    return np.mean(exact_p), np.mean(annoy_p), np.mean(recall)
+
+
+def test_every_file_is_written_and_linked(report):
+    html = report.files[0]
+    assert html.name == "index.html" and html.parent == report.out
+    pngs = report.files[1:]
+    names = {p.name for p in pngs}
+    assert {"tsne_labels.png", "tsne_clusters.png", "tsne_thumbnails.png", "pca_variance.png", "quality_labels.png", "latency.png"} <= names
+    assert {f"neighbours_{i}.png" for i in range(1, 6)} <= names
+    page = html.read_text()
+    for png in pngs:
+        assert png.exists() and png.parent == report.out
+        with Image.open(png) as img:
+            img.verify()
+        with Image.open(png) as img:
+            assert img.format == "PNG" and img.width >= 400 and img.height >= 200, (png.name, img.size)
+        assert f'src="{png.name}"' in page
+    assert set(re.findall(r'src="([^"]+)"', page)) == names  # relative links only, nothing missing or extra
+    for number in (report.precision_exact, report.precision_annoy, report.annoy_recall):
+        assert f"{number:.3f}" in page
+    assert "openTSNE" in page and "perplexity" in page and "t-SNE" in report.timings
+
+
+def test_numbers_match_an_independent_computation(report, collection, db, settings):
+    exact, annoy, recall = by_hand(db, settings, collection)
+    assert report.images == report.sampled == 24 and report.labels == 4 and report.k == K
+    assert report.precision_exact == pytest.approx(exact, abs=1e-12)
+    assert report.precision_annoy == pytest.approx(annoy, abs=1e-12)
+    assert report.annoy_recall == pytest.approx(recall, abs=1e-12) and 0 <= report.annoy_recall <= 1
+    assert report.pgvector_agreement == 1.0  # pgvector's own answers equal the numpy ones
+    scores = report.best_labels + report.worst_labels
+    assert {s.label for s in scores} == {"red", "green", "blue", "yellow"} and all(s.queries == 6 for s in scores)
+    assert report.best_labels[0].exact == max(s.exact for s in scores)
+    assert np.mean([s.exact for s in report.best_labels]) == pytest.approx(exact)  # equal-sized labels
+    _, raw = read_vectors(db.engine, collection.id, "raw")
+    from sklearn.decomposition import PCA
+
+    kept = PCA().fit(normalize(raw)).explained_variance_ratio_[: collection.pca_dims].sum()
+    assert report.explained_variance == pytest.approx(kept, abs=1e-4)
+    engines = [t.engine for t in report.latency]
+    assert engines[0].startswith("pgvector") and any(e.startswith("Annoy") for e in engines) and engines[-1] == "numpy brute force"
+    assert all(0 < t.p50_ms <= t.p95_ms for t in report.latency)
+    assert report.tsne_xy.shape == (24, 2) and np.isfinite(report.tsne_xy).all()
+
+
+def test_same_seed_same_report(report, db, settings, tmp_path):
+    again = build_report(db, settings.annoy_dir, NAME, tmp_path / "again", seed=0, k=K, progress=False)
+    np.testing.assert_array_equal(again.tsne_xy, report.tsne_xy)
+    numbers = lambda r: {k: v for k, v in r.to_dict().items() if k not in ("out", "files", "timings", "latency")}  # noqa: E731
+    assert numbers(again) == numbers(report)
+
+
+def test_command_writes_a_sampled_report_drawn_with_the_seed(collection, db, settings, tmp_path):
+    args = ["report", "--collection", NAME, "--out", str(tmp_path / "cli"), "--sample", "12", "--seed", "3", "-k", "2", "--json"]
+    result = CliRunner().invoke(search_cli, args)
+    assert result.exit_code == 0, result.output
+    printed = json.loads(result.stdout)
+    assert printed["sampled"] == 12 and printed["images"] == 24 and printed["files"][0].endswith("index.html")
+    assert set(printed["timings"]) >= {"t-SNE", "PCA variance curve", "neighbour grids"}
+    library = build_report(db, settings.annoy_dir, NAME, tmp_path / "lib", sample=12, seed=3, k=2, progress=False)
+    assert library.tsne_xy.shape == (12, 2)
+    for key in ("precision_exact", "precision_annoy", "annoy_recall", "explained_variance", "best_labels", "tsne"):
+        assert json.loads(json.dumps(library.to_dict()[key])) == printed[key]
+
+
+@pytest.mark.parametrize(
+    "args, exit_code, error",
+    [
+        (["--collection", "nope"], 1, "no collection named 'nope'"),
+        (["--collection", NAME, "--sample", "3"], 1, "--sample must be at least 5"),
+        (["--collection", NAME, "-k", "0"], 2, "Invalid value"),
+        (["--collection", NAME, "-k", "30"], 1, "needs at least 31 searchable images"),
+    ],
+)
+def test_command_errors(collection, tmp_path, args, exit_code, error):
+    result = CliRunner().invoke(search_cli, ["report", "--out", str(tmp_path / "r"), *args])
+    assert result.exit_code == exit_code and error in result.output and "Traceback" not in result.output
+
+
+def test_exact_neighbours_equal_brute_force_without_the_query():
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((300, 8)).astype(np.float32)
+    vectors[10] = vectors[11]  # a tie at distance 0, broken by id
+    ids = np.arange(1000, 1300)
+    rows = np.array([0, 10, 11, 150, 299])
+    found = exact_neighbours(ids, vectors, rows, 5)
+    for row, near in zip(rows, found):
+        expected = [i for i in brute_force(ids, vectors, vectors[row], 6)[0].tolist() if i != ids[row]][:5]
+        assert near.tolist() == expected
+
+
+def test_grid_cells_give_each_point_its_own_cell_in_map_order():
+    xy = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0], [5.0, 5.0]])
+    g, cells = grid_cells(xy)
+    assert g == 3 and len({tuple(c) for c in cells.tolist()}) == 5
+    assert cells[0].tolist() == [0, 0] and cells[3].tolist() == [2, 2] and cells[4].tolist() == [1, 1]
+
+
+def test_perplexity_shrinks_for_small_collections():
+    assert tsne_perplexity(8677) == 30 and tsne_perplexity(24) == 7 and tsne_perplexity(5) == 1
