@@ -15,10 +15,10 @@ from pathlib import Path
 from annoy import AnnoyIndex
 from sqlalchemy.engine import Engine
 
+from ingest.config import DEFAULT_TREES
 from ingest.store import CollectionInfo, embedding_state, read_vectors
 
 METRIC = "euclidean"
-DEFAULT_TREES = 50
 ANNOY_SEED = 0
 
 

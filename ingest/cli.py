@@ -1,17 +1,20 @@
-"""`ingest`: load pictures into a collection, refit PCA, rebuild the Annoy file, manage the database."""
+"""`ingest`: load pictures into a collection, refit PCA, rebuild the Annoy file, manage the database.
+
+Only click and the light option module are imported here; each command imports what it needs when it runs,
+so that Ctrl-C at any point after start-up is handled by ErrorHandlingGroup (one line, exit 130).
+"""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from ingest import sources
-from ingest.annoy_index import DEFAULT_TREES, build_index
-from ingest.db import HEAD_REVISION, stop_embedded, upgrade
-from ingest.load import DEFAULT_BATCH_SIZE, LoadSummary, finish_collection, load_collection
+from ingest.config import DEFAULT_BATCH_SIZE, DEFAULT_TREES
 from ingest.options import ErrorHandlingGroup, collection_option, database_option, json_option, open_database, print_json
-from ingest.status import status
-from ingest.store import resolve_collection
+
+if TYPE_CHECKING:
+    from ingest.load import LoadSummary
 
 
 @click.group(cls=ErrorHandlingGroup)
@@ -54,6 +57,8 @@ def load_caltech101(source, **options):
 
     Example: ingest load caltech101 --source 101_ObjectCategories.tar.gz --weights random --limit-per-class 2
     """
+    from ingest import sources
+
     settings, db = open_database(options.pop("database_url"))
     root = sources.prepare_caltech101(source, settings.datasets_dir)
     candidates, skipped = sources.walk_folder(root, exclude_labels=sources.EXCLUDED_CALTECH_LABELS)
@@ -68,6 +73,8 @@ def load_folder(path, **options):
 
     Example: ingest load folder ~/Pictures/shoes --weights random
     """
+    from ingest import sources
+
     settings, db = open_database(options.pop("database_url"))
     candidates, skipped = sources.walk_folder(path)
     run_load(settings, db, options.pop("collection") or path.resolve().name, candidates, skipped, **options)
@@ -75,7 +82,9 @@ def load_folder(path, **options):
 
 def run_load(settings, db, name, candidates, skipped, weights, pca_dims, limit_per_class, batch_size, trees, strict, as_json):
     """Shared tail of every load: build the model first (fails fast on weights), load, report."""
+    from ingest import sources
     from ingest.features import FeatureExtractor
+    from ingest.load import load_collection
 
     if limit_per_class:
         candidates = sources.limit_per_label(candidates, limit_per_class)
@@ -93,7 +102,8 @@ def report_load(summary: LoadSummary, as_json: bool) -> None:
         print_json({k: v for k, v in vars(summary).items()} | {"images_per_second": round(summary.images_per_second, 2)})
         return
     for path, reason in summary.failures[:10]:
-        click.echo(f"failed: {path}: {reason}", err=True)
+        shown = path.replace("\n", "\\n")  # one line per failure, as search's tables show newlines
+        click.echo(f"failed: {shown}: {reason}", err=True)
     if len(summary.failures) > 10:
         click.echo(f"... and {len(summary.failures) - 10} more (SELECT * FROM ingest_failures)", err=True)
     click.echo(
@@ -111,6 +121,8 @@ def status_command(database_url, as_json):
 
     Example: ingest status --json
     """
+    from ingest.status import status
+
     settings, db = open_database(database_url)
     info = status(db, settings.annoy_dir)
     if as_json:
@@ -138,6 +150,9 @@ def reduce_command(pca_dims, trees, collection, database_url):
 
     Example: ingest reduce --pca-dims 64 --collection caltech101
     """
+    from ingest.load import finish_collection
+    from ingest.store import resolve_collection
+
     settings, db = open_database(database_url)
     name = resolve_collection(db.engine, collection).name
     coll = finish_collection(db, settings.annoy_dir, name, trees, refit_dims=pca_dims)
@@ -153,6 +168,10 @@ def index_command(trees, collection, database_url):
 
     Example: ingest index --collection caltech101 --trees 100
     """
+    from ingest.annoy_index import build_index
+    from ingest.load import finish_collection
+    from ingest.store import resolve_collection
+
     settings, db = open_database(database_url)
     coll = resolve_collection(db.engine, collection)
     if coll.pca is None:
@@ -184,6 +203,8 @@ def db_upgrade(database_url):
 
     Example: ingest db upgrade
     """
+    from ingest.db import HEAD_REVISION, upgrade
+
     _, database = open_database(database_url)
     upgrade(database.engine)
     click.echo(f"database at revision {HEAD_REVISION}")

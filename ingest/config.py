@@ -11,6 +11,8 @@ from pathlib import Path
 import platformdirs
 
 APP_NAME = "reverse-image-search"
+DEFAULT_BATCH_SIZE = 32  # pictures per forward pass and per committed transaction
+DEFAULT_TREES = 50  # Annoy trees
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ingest.annoy_index import DEFAULT_TREES, build_index, index_path, read_sidecar, staleness
+from ingest.config import DEFAULT_BATCH_SIZE
 from ingest.db import Database
 from ingest.errors import ImageError
 from ingest.features import FeatureExtractor
@@ -45,7 +46,6 @@ from ingest.store import (
 )
 
 DEFAULT_PCA_DIMS = 128
-DEFAULT_BATCH_SIZE = 32
 
 
 @dataclass
@@ -155,7 +155,7 @@ def store_batch(db: Database, coll: CollectionInfo, batch: list[Prepared], extra
         ImageRow(absolute(p.candidate.path), p.candidate.label, p.sha256, p.decoded.width, p.decoded.height, p.size)
         for p in fresh
     ]
-    added = insert_images(db.engine, coll.id, rows, raw, embeddings)
+    added = insert_images(db.engine, coll.id, rows, raw, embeddings, coll.pca_version)
     summary.ingested += added
     summary.present += len(fresh) - added
 
@@ -170,7 +170,8 @@ def finish_collection(db: Database, annoy_dir: Path, name: str, trees: int = DEF
             coll = get_collection(db.engine, name)
             if coll.pca is None or refit_dims is not None:
                 refit(db, coll, refit_dims or coll.pca_dims)
-            else:
+                coll = get_collection(db.engine, name)
+            if coll.pca is not None:  # rows stored without embeddings, or whose PCA was replaced meanwhile
                 ids, raw = read_vectors(db.engine, coll.id, "raw", "AND i.embedding IS NULL")
                 if len(ids):
                     write_embeddings(db.engine, ids, coll.pca.project(raw))

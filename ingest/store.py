@@ -132,13 +132,23 @@ def stored_hashes(engine: Engine, collection_id: int) -> set[str]:
 
 
 def insert_images(
-    engine: Engine, collection_id: int, rows: list[ImageRow], raw: np.ndarray, embeddings: np.ndarray | None
+    engine: Engine, collection_id: int, rows: list[ImageRow], raw: np.ndarray, embeddings: np.ndarray | None,
+    pca_version: int | None = None,
 ) -> int:
-    """Store one batch (images, raw features, embeddings if PCA is known) in one transaction; returns rows added."""
+    """Store one batch (images, raw features, embeddings if PCA is known) in one transaction; returns rows added.
+
+    `embeddings` were projected with PCA `pca_version`. The collection row is held FOR SHARE, which a refit
+    (save_pca) updates; if the PCA changed since the load opened the collection, the rows go in without
+    embeddings and finish_collection projects them with the current PCA.
+    """
     if not rows:
         return 0
     with engine.begin() as conn:
         cur = vector_cursor(conn)
+        if embeddings is not None:
+            cur.execute("SELECT pca_version FROM collections WHERE id = %s FOR SHARE", (collection_id,))
+            if cur.fetchone()[0] != pca_version:
+                embeddings = None
         cur.execute(
             "CREATE TEMP TABLE staging (path text, label text, sha256 text, width int, height int, bytes bigint, "
             "raw vector(2048), embedding vector) ON COMMIT DROP"
@@ -197,17 +207,27 @@ def read_vectors(engine: Engine, collection_id: int, column: str, where: str = "
 
 def save_pca(engine: Engine, collection_id: int, pca: Pca, ids: np.ndarray, embeddings: np.ndarray) -> int:
     """Store a newly fitted PCA with every embedding it gives, in one transaction, and bump pca_version so
-    Annoy files built before it read as stale."""
+    Annoy files built before it read as stale.
+
+    The collection row is updated first: that waits for batches being inserted with the old PCA (they hold
+    the row FOR SHARE) and makes later ones insert without embeddings. Rows stored since `ids` were read
+    carry old-PCA embeddings; they are cleared here and projected by finish_collection.
+    """
     mean, components, ratio = pca.to_bytes()
     with engine.begin() as conn:
-        copy_embeddings(conn, ids, embeddings)
-        return conn.execute(
+        version = conn.execute(
             sa.text(
                 "UPDATE collections SET pca_mean = :m, pca_components = :c, pca_explained_variance = :r, pca_dims = :d, "
                 "pca_version = pca_version + 1, updated_at = now() WHERE id = :id RETURNING pca_version"
             ),
             {"m": mean, "c": components, "r": ratio, "d": pca.dims, "id": collection_id},
         ).scalar_one()
+        conn.execute(
+            sa.text("UPDATE images SET embedding = NULL WHERE collection_id = :c AND embedding IS NOT NULL AND NOT (id = ANY(:ids))"),
+            {"c": collection_id, "ids": ids.tolist()},
+        )
+        copy_embeddings(conn, ids, embeddings)
+        return version
 
 
 def write_embeddings(engine: Engine, ids: np.ndarray, embeddings: np.ndarray) -> None:
