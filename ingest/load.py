@@ -122,11 +122,11 @@ def load_collection(
     if pca_dims is not None:
         check_dims(pca_dims)
     coll = open_collection(db.engine, name, extractor.weights, extractor.fingerprint, pca_dims or DEFAULT_PCA_DIMS)
-    if pca_dims is not None and coll.pca is None and coll.pca_dims != pca_dims:
-        coll = set_pca_dims(db.engine, coll.id, pca_dims)
+    known = stored_hashes(db.engine, coll.id)
+    if coll.pca is None:
+        coll = plan_pca_dims(db, coll, pca_dims, len(known) + len(candidates))
     summary = LoadSummary(name, skipped=skipped)
     started = time.perf_counter()
-    known = stored_hashes(db.engine, coll.id)
     with ThreadPoolExecutor(workers) as pool, tqdm(
         total=len(candidates), unit="img", desc=f"ingest {name}", disable=not progress, smoothing=0.1
     ) as bar:
@@ -137,6 +137,19 @@ def load_collection(
     finish_collection(db, annoy_dir, name, trees)
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def plan_pca_dims(db: Database, coll: CollectionInfo, requested: int | None, most_images: int) -> CollectionInfo:
+    """Settle the dims of a collection whose PCA is not fitted yet, before any work.
+
+    Explicit --pca-dims above the number of images there can be is refused now, not after an hour of
+    embedding; the default (128) shrinks to fit a small collection (e.g. --limit-per-class 1).
+    """
+    if most_images == 0:
+        return coll
+    dims = requested or min(DEFAULT_PCA_DIMS, most_images)
+    check_dims(dims, most_images)
+    return set_pca_dims(db.engine, coll.id, dims) if dims != coll.pca_dims else coll
 
 
 def store_batch(db: Database, coll: CollectionInfo, batch: list[Prepared], extractor: FeatureExtractor, summary: LoadSummary) -> None:

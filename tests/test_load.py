@@ -107,11 +107,18 @@ def test_bad_files_are_recorded_and_strict_fails(db, picture_folder):
 def test_pca_dims_are_checked(db, picture_folder):
     too_many = run("load", "folder", str(picture_folder), "--collection", "dims", "--weights", "random", "--pca-dims", "50")
     assert too_many.exit_code == 1 and "more than the 12 images" in too_many.output
-    # Nothing lost: the rows are stored, and a rerun with fewer dims finishes the collection.
+    assert count(db, "SELECT count(*) FROM images i JOIN collections c ON c.id = i.collection_id WHERE c.name = 'dims'") == 0
     fixed = run(*load_args(picture_folder, "dims", "--json"))
-    assert fixed.exit_code == 0 and json.loads(fixed.stdout)["present"] == 12
+    assert fixed.exit_code == 0 and json.loads(fixed.stdout)["ingested"] == 12
     assert get_collection(db.engine, "dims").pca_dims == 4
     assert run("load", "folder", str(picture_folder), "--pca-dims", "2001").exit_code == 2
+
+
+def test_default_pca_dims_shrink_to_a_small_collection(db, picture_folder):
+    result = run("load", "folder", str(picture_folder), "--collection", "small", "--weights", "random")
+    assert result.exit_code == 0, result.output
+    coll = get_collection(db.engine, "small")
+    assert coll.pca_dims == 12 and coll.pca.dims == 12
 
 
 def test_reduce_refits_without_the_cnn_and_index_rebuilds(db, settings, picture_folder):
