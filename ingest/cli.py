@@ -58,11 +58,17 @@ def load_caltech101(source, **options):
     Example: ingest load caltech101 --source 101_ObjectCategories.tar.gz --weights random --limit-per-class 2
     """
     from ingest import sources
+    from ingest.errors import SourceError
 
+    if source is not None and not source.exists():
+        raise SourceError(f"no such file or folder: {source}")
     settings, db = open_database(options.pop("database_url"))
-    root = sources.prepare_caltech101(source, settings.datasets_dir)
-    candidates, skipped = sources.walk_folder(root, exclude_labels=sources.EXCLUDED_CALTECH_LABELS)
-    run_load(settings, db, options.pop("collection") or "caltech101", candidates, skipped, **options)
+
+    def find_candidates():
+        root = sources.prepare_caltech101(source, settings.datasets_dir)
+        return sources.walk_folder(root, exclude_labels=sources.EXCLUDED_CALTECH_LABELS)
+
+    run_load(settings, db, options.pop("collection") or "caltech101", find_candidates, **options)
 
 
 @load.command("folder")
@@ -76,19 +82,21 @@ def load_folder(path, **options):
     from ingest import sources
 
     settings, db = open_database(options.pop("database_url"))
-    candidates, skipped = sources.walk_folder(path)
-    run_load(settings, db, options.pop("collection") or path.resolve().name, candidates, skipped, **options)
+    found = sources.walk_folder(path)
+    run_load(settings, db, options.pop("collection") or path.resolve().name, lambda: found, **options)
 
 
-def run_load(settings, db, name, candidates, skipped, weights, pca_dims, limit_per_class, batch_size, trees, strict, as_json):
-    """Shared tail of every load: build the model first (fails fast on weights), load, report."""
+def run_load(settings, db, name, find_candidates, weights, pca_dims, limit_per_class, batch_size, trees, strict, as_json):
+    """Shared tail of every load: build the model first, so weights that cannot be had fail before any
+    download or extraction; then find the pictures, load them, report."""
     from ingest import sources
     from ingest.features import FeatureExtractor
     from ingest.load import load_collection
 
+    extractor = FeatureExtractor(weights)
+    candidates, skipped = find_candidates()
     if limit_per_class:
         candidates = sources.limit_per_label(candidates, limit_per_class)
-    extractor = FeatureExtractor(weights)
     summary = load_collection(
         db, settings.annoy_dir, name, candidates, extractor, pca_dims, batch_size, trees, skipped=skipped, progress=not as_json
     )

@@ -165,3 +165,20 @@ def test_imagenet_weights_that_cannot_be_downloaded_fail_before_any_work(db, pic
     assert "cannot download the ImageNet weights" in result.output and "--weights" in result.output
     assert result.stderr.count("\n") == 1  # Keras's own "Downloading data from ..." goes to stdout
     assert count(db, "SELECT count(*) FROM collections WHERE name = 'imagenet-offline'") == 0
+
+
+def test_unavailable_weights_fail_before_an_archive_is_extracted(db, settings, picture_folder, tmp_path, monkeypatch):
+    import tarfile
+
+    archive = tmp_path / "101_ObjectCategories.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(picture_folder, arcname="101_ObjectCategories")
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
+    shutil.rmtree(settings.datasets_dir / "caltech101", ignore_errors=True)
+    result = run("load", "caltech101", "--source", str(archive), "--collection", "never")
+    assert result.exit_code == 1 and "--weights" in result.stderr
+    assert not (settings.datasets_dir / "caltech101").exists()
+    missing = run("load", "caltech101", "--source", str(tmp_path / "nope.tar.gz"), "--weights", "random")
+    assert missing.exit_code == 1 and "no such file or folder" in missing.output
