@@ -229,3 +229,47 @@ def db_stop():
 
     stopped = stop_embedded(Settings.load().pgdata)
     click.echo("embedded server stopped" if stopped else "embedded server was not running")
+
+
+@cli.command("finetune")
+@collection_option
+@click.option("--epochs", type=click.IntRange(1), default=10, show_default=True, help="Epochs per phase (early stopping may end one sooner).")
+@click.option("--unfreeze", type=click.Choice(["conv5", "none"]), default="conv5", show_default=True,
+              help="After training the head, also train the last ResNet block (at lr/10); 'none' trains the head only, "
+                   "which leaves the search features unchanged.")
+@click.option("--augment/--no-augment", default=True, show_default=True, help="Random flips, turns, zooms, shifts, contrast while training.")
+@click.option("--holdout", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2, show_default=True,
+              help="Share of each label held out to measure loss (recorded once per run).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--into", metavar="NAME", help="New collection for the re-embedded pictures (default: NAME-ft).")
+@click.option("--batch-size", type=click.IntRange(1, 1024), default=16, show_default=True)
+@click.option("--learning-rate", type=click.FloatRange(0, min_open=True), default=1e-3, show_default=True)
+@database_option
+@json_option
+def finetune_command(collection, epochs, unfreeze, augment, holdout, seed, into, batch_size, learning_rate, database_url, as_json):
+    """Fine-tune the collection's ResNet50 on its labels, save the weights, re-embed into a new collection.
+
+    Rerunning the same command resumes from the last completed epoch.
+
+    Example: ingest finetune --collection shoes --epochs 5 --unfreeze conv5
+    """
+    from dataclasses import asdict
+
+    from ingest.finetune import finetune
+    from ingest.store import resolve_collection
+
+    settings, db = open_database(database_url)
+    name = resolve_collection(db.engine, collection).name
+    unfreeze = None if unfreeze == "none" else unfreeze
+    summary = finetune(db, settings, name, into, epochs, unfreeze, augment, holdout, seed, batch_size, learning_rate, progress=not as_json)
+    if as_json:
+        print_json({k: v for k, v in asdict(summary).items() if k not in ("train_ids", "holdout_ids")})
+        return
+    if unfreeze is None:
+        click.echo("note: with --unfreeze none only the head learnt; the backbone, and so the search features, are unchanged", err=True)
+    click.echo(
+        f"{summary.into}: {summary.epochs_run} epoch(s) from epoch {summary.initial_epoch}, "
+        f"{summary.train_size} train / {summary.holdout_size} hold-out pictures, "
+        f"hold-out loss {summary.holdout_loss:.3f} accuracy {summary.holdout_accuracy:.2f} "
+        f"({summary.images_per_second:.1f} training images/s); weights {summary.weights_path}"
+    )

@@ -20,7 +20,7 @@ from ingest.errors import DatabaseError
 
 # The newest migration in migrations/versions; tests check it matches Alembic's head.
 # Knowing it here lets a command skip importing Alembic when the schema is already current.
-HEAD_REVISION = "0001"
+HEAD_REVISION = "0002"
 MIGRATION_LOCK = 7_474_201  # pg_advisory_xact_lock key: one process migrates at a time
 
 

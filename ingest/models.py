@@ -97,3 +97,18 @@ class IngestFailure(Base):
     path: Mapped[str] = mapped_column(Text)
     reason: Mapped[str] = mapped_column(Text)
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class FinetuneSplit(Base):
+    """Which images of a collection a fine-tuning run trains on and which it holds out, recorded once per run.
+
+    `run` is the name of the collection the run produces (`ingest finetune --into`), so a rerun reuses the split
+    and evaluation never sees a training image.
+    """
+
+    __tablename__ = "finetune_splits"
+
+    run: Mapped[str] = mapped_column(Text, primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
+    collection_id: Mapped[int] = mapped_column(ForeignKey("collections.id", ondelete="CASCADE"), index=True)
+    split: Mapped[str] = mapped_column(Text)  # 'train' or 'holdout'

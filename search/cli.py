@@ -102,10 +102,11 @@ def sql_command(query, sql_file, database_url, as_json):
 @click.option("--sample", type=click.IntRange(1), metavar="N", help="Look at N images drawn with --seed. Default: all.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the sample, the example queries and t-SNE.")
 @click.option("-k", type=click.IntRange(1, 100), default=4, show_default=True, help="Neighbours per query (precision@k, grids).")
+@click.option("--compare-with", metavar="NAME", help="A collection made by `ingest finetune` from this one: compare hold-out precision@k.")
 @collection_option
 @database_option
 @json_option
-def report_command(out, sample, seed, k, collection, database_url, as_json):
+def report_command(out, sample, seed, k, compare_with, collection, database_url, as_json):
     """Write an HTML report of a collection: t-SNE maps, neighbour grids, PCA variance, precision@k and speed.
 
     Example: search report --collection caltech101 --out report/ && open report/index.html
@@ -113,13 +114,17 @@ def report_command(out, sample, seed, k, collection, database_url, as_json):
     from search.report import build_report
 
     settings, db = open_database(database_url)
-    summary = build_report(db, settings.annoy_dir, collection, out, sample, seed, k, progress=not as_json)
+    summary = build_report(db, settings.annoy_dir, collection, out, sample, seed, k, progress=not as_json, compare_with=compare_with)
     if as_json:
         print_json(summary.to_dict())
         return
     click.echo(f"{summary.collection}: {summary.sampled} of {summary.images} images, {summary.labels} labels, k={k}; {summary.tsne}")
     quality = [("precision@k, pgvector (exact)", summary.precision_exact), ("precision@k, Annoy", summary.precision_annoy),
                ("Annoy recall@k", summary.annoy_recall)]
+    if summary.comparison:
+        c = summary.comparison
+        quality += [(f"hold-out precision@k, {c['base']} (base)", c["base_precision"]),
+                    (f"hold-out precision@k, {c['tuned']} (tuned)", c["tuned_precision"])]
     print_table(["measure", "value"], [(name, "n/a" if v is None else f"{v:.3f}") for name, v in quality])
     print_table(["engine", "p50 ms", "p95 ms"], [(t.engine, f"{t.p50_ms:.2f}", f"{t.p95_ms:.2f}") for t in summary.latency])
     print_table(["part", "seconds"], [(p, f"{t:.1f}") for p, t in summary.timings.items()] + [("total", f"{sum(summary.timings.values()):.1f}")])

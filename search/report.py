@@ -21,13 +21,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from tqdm import tqdm
 
 from ingest.db import Database
 from ingest.errors import RisError
 from ingest.reduce import normalize
-from ingest.store import CollectionInfo, image_paths, read_vectors, resolve_collection
+from ingest.store import CollectionInfo, get_collection, image_paths, read_vectors, resolve_collection
 from search.engines import AnnoyEngine, PgvectorEngine, brute_force
 from search.plot import THUMB, draw_row, thumbnail
 from search.query import check_searchable
@@ -101,6 +102,7 @@ class ReportSummary:
     timings: dict[str, float]
     files: list[Path]
     tsne_xy: np.ndarray = field(repr=False)
+    comparison: dict | None = None  # hold-out precision@k, this collection against a fine-tuned one
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -148,8 +150,13 @@ def build_report(
     seed: int = 0,
     k: int = 4,
     progress: bool = True,
+    compare_with: str | None = None,
 ) -> ReportSummary:
-    """Write out/index.html and its PNGs for a collection, and return the numbers shown there."""
+    """Write out/index.html and its PNGs for a collection, and return the numbers shown there.
+
+    With `compare_with` (a collection made by `ingest finetune` from this one), the report also gives the
+    leave-one-out precision@k of the run's hold-out images in both collections.
+    """
     clock = Stopwatch(progress)
     with clock("load vectors"):
         coll = resolve_collection(db.engine, collection)
@@ -192,8 +199,36 @@ def build_report(
         coll.pca_dims, explained, tsne_text, quality["exact"], quality["annoy"], quality["recall"], agreement,
         quality["best"], quality["worst"], latency, clock.timings, [], xy,
     )
+    if compare_with:
+        with clock("hold-out comparison"):
+            summary.comparison = compare_holdout(db.engine, coll, compare_with, k)
     summary.files = [write_html(out / "index.html", summary, files)] + files
     return summary
+
+
+def compare_holdout(engine: Engine, base: CollectionInfo, tuned_name: str, k: int) -> dict:
+    """Leave-one-out precision@k of a fine-tuning run's hold-out images, in the base and in the tuned collection.
+
+    The hold-out images were never trained on; they are matched across the two collections by sha256, and
+    their neighbours are searched among all images of each collection (exact, leaving the query out).
+    """
+    tuned = get_collection(engine, tuned_name)
+    with engine.connect() as conn:
+        holdout = set(conn.execute(sa.text(
+            "SELECT i.sha256 FROM finetune_splits s JOIN images i ON i.id = s.image_id "
+            "WHERE s.run = :run AND s.collection_id = :c AND s.split = 'holdout'"), {"run": tuned.name, "c": base.id}).scalars())
+    if not holdout:
+        raise RisError(f"no fine-tuning hold-out of {base.name!r} is recorded for {tuned.name!r}; run `ingest finetune --into {tuned.name}`")
+    result = {"base": base.name, "tuned": tuned.name, "k": k, "holdout_images": len(holdout)}
+    for key, coll in (("base_precision", base), ("tuned_precision", tuned)):
+        images = load_images(engine, coll)
+        with engine.connect() as conn:
+            sha_of = dict(conn.execute(sa.text("SELECT id, sha256 FROM images WHERE collection_id = :c"), {"c": coll.id}).all())
+        rows = np.array([r for r, i in enumerate(images.ids.tolist()) if sha_of[i] in holdout], np.int64)
+        found = exact_neighbours(images.ids, images.vectors, rows, k)
+        label_of = dict(zip(images.ids.tolist(), images.labels))
+        result[key] = float(np.mean([precision_at_k(images.labels[r], [label_of[i] for i in n], k) for r, n in zip(rows, found.tolist())]))
+    return result
 
 
 def load_images(engine: Engine, coll: CollectionInfo) -> Images:
@@ -633,6 +668,12 @@ def write_html(path: Path, s: ReportSummary, files: list[Path]) -> Path:
         parts += [f"<h3>Best {len(s.best_labels)} labels</h3>", table(header, rows(s.best_labels)),
                   f"<h3>Worst {len(s.worst_labels)} labels</h3>", table(header, rows(s.worst_labels)),
                   figure(by_name["quality_labels.png"], "Best and worst labels, exact and Annoy.")]
+    if s.comparison:
+        c = s.comparison
+        parts += [f"<h2>Fine-tuning: hold-out precision@{k}</h2>",
+                  table(["collection", f"precision@{k} of {c['holdout_images']} hold-out images"],
+                        [[c["base"] + " (base)", fmt(c["base_precision"])], [c["tuned"] + " (tuned)", fmt(c["tuned_precision"])]]),
+                  "<p>The hold-out images were never trained on; their neighbours are all other images of each collection.</p>"]
     parts += [
         "<h2>Speed</h2>",
         table(["engine", "queries", "p50 (ms)", "p95 (ms)"], [[t.engine, t.queries, f"{t.p50_ms:.2f}", f"{t.p95_ms:.2f}"] for t in s.latency]),
