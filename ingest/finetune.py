@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import sqlalchemy as sa
 
+from ingest.annoy_index import write_atomically
 from ingest.config import Settings
 from ingest.db import Database
 from ingest.errors import CollectionError, WeightsError
@@ -371,9 +372,7 @@ class Checkpoint:
         tmp = self.directory / "model.tmp.weights.h5"
         model.save_weights(tmp)
         os.replace(tmp, self.weights)
-        tmp_state = self.directory / "state.json.tmp"
-        tmp_state.write_text(json.dumps(state, indent=1))
-        os.replace(tmp_state, self.state)
+        write_atomically(self.state, json.dumps(state, indent=1))
 
 
 def save_backbone(backbone, path: Path) -> Path:
