@@ -4,7 +4,6 @@ The server and the model are started once per test session; every test gets its 
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np

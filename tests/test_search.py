@@ -198,6 +198,7 @@ def test_an_empty_collection_is_refused(db, tmp_path):
 
 
 def test_query_with_other_weights_is_refused(loaded, db, tmp_path):
+    recorded = get_collection(db.engine, "colours").weights_fingerprint
     with db.engine.begin() as conn:
         conn.execute(sa.text("UPDATE collections SET weights_fingerprint = 'deadbeef' WHERE name = 'colours'"))
     try:
@@ -206,17 +207,8 @@ def test_query_with_other_weights_is_refused(loaded, db, tmp_path):
         result = search("similar", str(query), "-c", "colours")
         assert result.exit_code == 1 and "differ from those collection 'colours' was built with" in result.output
     finally:
-        coll = get_collection(db.engine, "colours")
-        from search.query import extractor_for  # noqa: F401  (the model is cached per process)
         with db.engine.begin() as conn:
-            conn.execute(sa.text("UPDATE collections SET weights_fingerprint = :f WHERE name = 'colours'"),
-                         {"f": _fingerprint_of_random()})
-
-
-def _fingerprint_of_random():
-    from search.query import _extractors
-
-    return _extractors["random"].fingerprint
+            conn.execute(sa.text("UPDATE collections SET weights_fingerprint = :f WHERE name = 'colours'"), {"f": recorded})
 
 
 @pytest.mark.parametrize("args", [["similar", "--id", "{id}"], ["similar", "{file}"], ["sql", "SELECT 1"], ["--help"]])
