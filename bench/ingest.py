@@ -23,7 +23,6 @@ if __package__ in (None, ""):  # run as a file: bench/ is then sys.path[0] and t
 import json
 import os
 import platform
-import resource
 import shutil
 import tempfile
 import threading
@@ -34,20 +33,24 @@ from contextlib import contextmanager
 import click
 import numpy as np
 
+from bench.machine import CpuWatch, cpu_model, peak_rss_mib
 from ingest import load as load_module
-from ingest import sources
+from ingest import sources, store
+from ingest.caltech101 import EXCLUDED_CALTECH_LABELS, prepare_caltech101
+from ingest.collection import Collection
 from ingest.config import Settings
 from ingest.db import connect, stop_embedded
 from ingest.errors import ImageError, RisError
 from ingest.images import decode_image, read_file
 from ingest.load import DEFAULT_BATCH_SIZE, DEFAULT_PCA_DIMS, LoadSummary, load_collection
-from ingest.store import list_collections
 
 DEFAULT_SOURCE = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "caltech101" / "101_ObjectCategories.tar.gz"
 FORWARD_TARGET = 0.85  # load images/s over bare forward images/s, at least
 NAIVE_TARGET = 2.5  # load images/s over per-image predict images/s, at least
 NOISY_NEIGHBOURS = 0.25  # cores other processes may use on average before the figures are called unreliable
-LOAD_STAGES = ("prepare", "store_batch", "insert_images", "record_failures", "finish_collection")
+# (object, attribute) of each stage timed: looked up at call time, so wrapping the attribute times every call.
+LOAD_STAGES = {"prepare": load_module, "store_batch": load_module, "insert_images": store, "record_failures": store,
+               "finish": Collection}
 
 
 # --- the machine ---------------------------------------------------------------------------------
@@ -69,49 +72,6 @@ def machine() -> dict:
         "numpy": np.__version__,
         "pillow": PIL.__version__,
     }
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def peak_rss_mib() -> float:
-    """This process's peak resident memory so far (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def machine_busy_seconds() -> float:
-    """CPU seconds all processes have used since boot (/proc/stat, idle and iowait left out)."""
-    with open("/proc/stat") as f:
-        fields = [int(v) for v in f.readline().split()[1:]]
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
-class CpuWatch:
-    """Cores this process kept busy during a stretch of time, and cores others did (PostgreSQL counts as other):
-    on a shared 2-core machine a busy neighbour halves every figure, so each figure carries its own."""
-
-    def __init__(self):
-        self.wall, self.own, self.machine = time.perf_counter(), cpu_seconds(), machine_busy_seconds()
-
-    def cores(self) -> dict:
-        wall = time.perf_counter() - self.wall
-        own = cpu_seconds() - self.own
-        others = max(machine_busy_seconds() - self.machine - own, 0.0)
-        return {"own_cores": own / wall, "other_cores": others / wall, "own_cpu_seconds": own}
 
 
 # --- the whole load path -------------------------------------------------------------------------
@@ -143,16 +103,16 @@ class StageTimes:
 
 @contextmanager
 def timed_stages(extractor, times: StageTimes):
-    """Time load_collection's stages by wrapping what it looks up in ingest.load at call time; restored after."""
-    saved = {name: getattr(load_module, name) for name in LOAD_STAGES}
+    """Time load_collection's stages by wrapping the functions it looks up at call time; restored after."""
+    saved = {name: getattr(owner, name) for name, owner in LOAD_STAGES.items()}
     for name, fn in saved.items():
-        setattr(load_module, name, times.wrap(name, fn))
+        setattr(LOAD_STAGES[name], name, times.wrap(name, fn))
     extractor.embed = times.wrap("embed", extractor.embed)  # an instance attribute shadows the method
     try:
         yield
     finally:
         for name, fn in saved.items():
-            setattr(load_module, name, fn)
+            setattr(LOAD_STAGES[name], name, fn)
         del extractor.embed
 
 
@@ -163,7 +123,7 @@ def measure_load(settings, db, name, candidates, skipped, extractor, batch_size,
     rss_before, watch = peak_rss_mib(), CpuWatch()
     with timed_stages(extractor, times):
         summary: LoadSummary = load_collection(
-            db, settings.annoy_dir, name, candidates, extractor, min(DEFAULT_PCA_DIMS, len(candidates)), batch_size,
+            db, settings, name, candidates, extractor, pca_dims=min(DEFAULT_PCA_DIMS, len(candidates)), batch_size=batch_size,
             workers=workers, skipped=skipped, progress=progress,
         )
     images = summary.ingested + summary.present
@@ -184,8 +144,8 @@ def measure_load(settings, db, name, candidates, skipped, extractor, batch_size,
             "first_model_call": times.first.get("embed", 0.0),
             "database": s["insert_images"] + s["record_failures"],
             "batch_other": s["store_batch"] - s["embed"] - s["insert_images"] - s["record_failures"],
-            "finish_pca_annoy": s["finish_collection"],
-            "waiting_for_decode": summary.seconds - s["store_batch"] - s["finish_collection"],
+            "finish_pca_annoy": s["finish"],
+            "waiting_for_decode": summary.seconds - s["store_batch"] - s["finish"],
             "decode_threads": s["prepare"],
         },
         "model_images_per_second": images / s["embed"] if s["embed"] else 0.0,
@@ -285,14 +245,14 @@ def run_bench(source, ris_home, collection, weights, limit_per_class, batch_size
         settings = Settings.load(home=home)
         result["ris_home"] = None if ris_home is None else str(home)
         with bench_database(settings) as db:
-            if any(c.name == collection for c in list_collections(db.engine)):
+            if any(c.name == collection for c in Collection.all(db, settings)):
                 raise click.ClickException(
                     f"collection {collection!r} already exists in {home}; the bench loads into a fresh one: "
                     "pass another --ris-home or --collection"
                 )
             started = time.perf_counter()
-            root = sources.prepare_caltech101(source, settings.datasets_dir)
-            candidates, skipped = sources.walk_folder(root, exclude_labels=sources.EXCLUDED_CALTECH_LABELS)
+            root = prepare_caltech101(source, settings.datasets_dir)
+            candidates, skipped = sources.walk_folder(root, exclude_labels=EXCLUDED_CALTECH_LABELS)
             if limit_per_class:
                 candidates = sources.limit_per_label(candidates, limit_per_class)
             if not candidates:

@@ -5,11 +5,13 @@ and Annoy's recall@10 against exact for a few (trees, search_k) settings.
 
 Queries are stored embeddings sampled with a fixed seed (the query itself is among the answers of
 every engine alike). Numpy brute force over the same vectors is the baseline every ratio refers to.
+Timing, percentiles and recall are search.evaluation's, the same that `search report` shows.
 Targets (Caltech 101, PCA 128, 2 cores): pgvector p50 <= 5 ms; Annoy p50 <= 0.5 ms at recall@10 >= 0.95.
 """
 from __future__ import annotations
 
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -23,39 +25,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from annoy import AnnoyIndex  # noqa: E402
 
+from bench.machine import cpu_model  # noqa: E402
 from ingest.annoy_index import ANNOY_SEED, METRIC, read_sidecar  # noqa: E402
+from ingest.collection import Collection  # noqa: E402
 from ingest.options import open_database  # noqa: E402
-from ingest.store import read_vectors, resolve_collection  # noqa: E402
-from search.engines import AnnoyEngine, PgvectorEngine, brute_force  # noqa: E402
+from ingest.store import read_vectors  # noqa: E402
+from search.evaluation import brute_force, percentiles, recall, time_each  # noqa: E402
 
 K = 10
 SETTINGS = [(10, -1), (50, -1), (50, 2000), (100, -1), (100, 5000), (200, -1)]
 
 
-def timed(fn, queries) -> tuple[list, np.ndarray]:
-    """Results and per-query latency in ms (after one warm-up call)."""
-    fn(queries[0])
-    results, ms = [], []
-    for q in queries:
-        t = time.perf_counter()
-        results.append(fn(q))
-        ms.append((time.perf_counter() - t) * 1000)
-    return results, np.array(ms)
-
-
-def percentiles(ms: np.ndarray) -> dict:
-    return {"p50_ms": round(float(np.percentile(ms, 50)), 3), "p95_ms": round(float(np.percentile(ms, 95)), 3)}
-
-
-def recall(approx: list[list[int]], exact: list[list[int]]) -> float:
-    return float(np.mean([len(set(a) & set(e)) / len(e) for a, e in zip(approx, exact)]))
+def rounded(ms: np.ndarray) -> dict:
+    """p50/p95 as printed and written by --json, to the microsecond: finer digits are noise between runs."""
+    return {name: round(value, 3) for name, value in percentiles(ms).items()}
 
 
 def machine() -> str:
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
-    import os
-
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    """CPU, cores and Python: latencies mean little without the machine they were measured on."""
+    return f"{cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
 @click.command()
@@ -67,32 +55,30 @@ def machine() -> str:
 def main(collection, queries, seed, database_url, as_json):
     """Print p50/p95 latency per engine and Annoy's recall@10 against exact."""
     settings, db = open_database(database_url)
-    coll = resolve_collection(db.engine, collection)
-    ids, vectors = read_vectors(db.engine, coll.id, "embedding", "AND i.embedding IS NOT NULL")
+    coll = Collection.named(db, settings, collection)
+    ids, vectors = read_vectors(db, coll.id, "embedding")
     sample = np.random.default_rng(seed).choice(len(ids), size=min(queries, len(ids)), replace=False)
     qs = [vectors[i] for i in sample]
 
     vectors64 = vectors.astype(np.float64)  # once, as a baseline that keeps its data ready would
-    brute, brute_ms = timed(lambda q: brute_force(ids, vectors64, q, K)[0].tolist(), qs)
-    pg = PgvectorEngine(db.engine, coll)
-    exact, pg_ms = timed(lambda q: [h.id for h in pg.search(q, K)], qs)
-    annoy_engine = AnnoyEngine(db.engine, coll, settings.annoy_dir)
-    _, annoy_full_ms = timed(lambda q: [h.id for h in annoy_engine.search(q, K)], qs)
-    file_index = annoy_engine.index
-    annoy_ids, annoy_ms = timed(lambda q: file_index.get_nns_by_vector(q.tolist(), K), qs)
+    brute, brute_ms = time_each(lambda q: brute_force(ids, vectors64, q, K)[0].tolist(), qs)
+    exact, pg_ms = time_each(lambda q: [h.id for h in coll.similar(q, K)], qs)
+    _, annoy_full_ms = time_each(lambda q: [h.id for h in coll.similar(q, K, engine="annoy")], qs)
+    file_index = coll.engine("annoy").index
+    annoy_ids, annoy_ms = time_each(lambda q: file_index.get_nns_by_vector(q.tolist(), K), qs)
 
     rows = [
-        {"engine": "numpy brute force (baseline)", **percentiles(brute_ms), "recall@10": 1.0},
-        {"engine": "pgvector exact (SQL, with rows)", **percentiles(pg_ms), "recall@10": recall(exact, brute)},
-        {"engine": "annoy index lookup (collection file)", **percentiles(annoy_ms), "recall@10": recall(annoy_ids, exact)},
-        {"engine": "annoy + rows from PostgreSQL (search similar)", **percentiles(annoy_full_ms), "recall@10": None},
+        {"engine": "numpy brute force (baseline)", **rounded(brute_ms), "recall@10": 1.0},
+        {"engine": "pgvector exact (SQL, with rows)", **rounded(pg_ms), "recall@10": recall(exact, brute)},
+        {"engine": "annoy index lookup (collection file)", **rounded(annoy_ms), "recall@10": recall(annoy_ids, exact)},
+        {"engine": "annoy + rows from PostgreSQL (search similar)", **rounded(annoy_full_ms), "recall@10": None},
     ]
     for row in rows:
-        row["vs_brute_p50"] = round(percentiles(brute_ms)["p50_ms"] / row["p50_ms"], 2) if row["p50_ms"] else None
-    sweep = annoy_sweep(ids, vectors, coll.pca_dims, qs, exact)
-    report = {"collection": coll.name, "images": len(ids), "dims": coll.pca_dims, "queries": len(qs), "k": K,
+        row["vs_brute_p50"] = round(rounded(brute_ms)["p50_ms"] / row["p50_ms"], 2) if row["p50_ms"] else None
+    sweep = annoy_sweep(ids, vectors, coll.dims, qs, exact)
+    report = {"collection": coll.name, "images": len(ids), "dims": coll.dims, "queries": len(qs), "k": K,
               "machine": machine(), "engines": rows, "annoy_settings": sweep,
-              "annoy_file_trees": read_sidecar(annoy_engine.path).trees}
+              "annoy_file_trees": read_sidecar(coll.annoy_path).trees}
     if as_json:
         print(json.dumps(report, indent=2))
     else:
@@ -116,12 +102,13 @@ def annoy_sweep(ids, vectors, dims, qs, exact) -> list[dict]:
                 index.save(f"{tmp}/{trees}.ann")
                 built[trees] = (index, build_s)
             index, build_s = built[trees]
-            found, ms = timed(lambda q: index.get_nns_by_vector(q.tolist(), K, search_k=search_k), qs)
-            out.append({"trees": trees, "search_k": search_k, "build_s": round(build_s, 2), **percentiles(ms), "recall@10": round(recall(found, exact), 4)})
+            found, ms = time_each(lambda q: index.get_nns_by_vector(q.tolist(), K, search_k=search_k), qs)
+            out.append({"trees": trees, "search_k": search_k, "build_s": round(build_s, 2), **rounded(ms), "recall@10": round(recall(found, exact), 4)})
     return out
 
 
 def print_report(r: dict) -> None:
+    """The benchmark as aligned text, with a PASS/FAIL line per target."""
     print(f"collection {r['collection']}: {r['images']} images, {r['dims']} dims, {r['queries']} queries, k={r['k']}")
     print(f"machine: {r['machine']}")
     print(f"{'engine':48} {'p50 ms':>8} {'p95 ms':>8} {'recall@10':>10} {'speed vs brute (p50)':>21}")

@@ -1,1 +1,41 @@
-"""reverse-image-search, write path: images -> ResNet50 features -> PCA -> PostgreSQL/pgvector -> Annoy."""
+"""reverse-image-search's library: images -> ResNet50 features -> PCA -> PostgreSQL/pgvector -> Annoy, and back.
+
+`ingest` is the write path and the core both paths share; `search` (the read path) imports only the names
+listed in __all__ here, plus `ingest.errors`. Names load on first use, so `search --help` stays instant.
+"""
+from __future__ import annotations
+
+from importlib import import_module
+
+_EXPORTS = {
+    # a collection and what searching it returns
+    "Collection": "ingest.collection",
+    "Query": "ingest.collection",
+    "Hit": "ingest.engines",
+    "ENGINES": "ingest.engines",
+    # configuration and the database
+    "Settings": "ingest.config",
+    "Database": "ingest.db",
+    "connect": "ingest.db",
+    "read_only": "ingest.db",
+    "raw_cursor": "ingest.store",
+    # vectors and fine-tuning runs, for reports
+    "normalize": "ingest.reduce",
+    "holdout_hashes": "ingest.splits",
+    # the command-line pieces both commands share
+    "ErrorHandlingGroup": "ingest.options",
+    "collection_option": "ingest.options",
+    "database_option": "ingest.options",
+    "json_option": "ingest.options",
+    "timeout_option": "ingest.options",
+    "open_database": "ingest.options",
+    "print_json": "ingest.options",
+    "to_json": "ingest.options",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'ingest' has no attribute {name!r}")
+    return getattr(import_module(_EXPORTS[name]), name)

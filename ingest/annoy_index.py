@@ -7,16 +7,14 @@ reader can tell a stale index (the table changed since) from a fresh one.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from annoy import AnnoyIndex
-from sqlalchemy.engine import Engine
-
+from ingest.atomic import replacing, write_atomically
 from ingest.config import DEFAULT_TREES
-from ingest.store import CollectionInfo, embedding_state, read_vectors
+from ingest.db import Database
+from ingest.store import CollectionRow, embedding_state, vector_chunks
 
 METRIC = "euclidean"
 ANNOY_SEED = 0
@@ -44,30 +42,26 @@ def sidecar_path(ann: Path) -> Path:
     return ann.with_suffix(".json")
 
 
-def build_index(engine: Engine, annoy_dir: Path, coll: CollectionInfo, trees: int = DEFAULT_TREES) -> Sidecar:
+def build_index(db: Database, annoy_dir: Path, coll: CollectionRow, trees: int = DEFAULT_TREES) -> Sidecar:
     """Build the collection's index from its stored embeddings and swap it in atomically."""
-    ids, vectors = read_vectors(engine, coll.id, "embedding", "AND i.embedding IS NOT NULL")
-    state = embedding_state(engine, coll.id)
+    from annoy import AnnoyIndex
+
+    state = embedding_state(db, coll.id)
     index = AnnoyIndex(coll.pca_dims, METRIC)
     index.set_seed(ANNOY_SEED)
-    for item, vector in zip(ids.tolist(), vectors):
-        index.add_item(item, vector)
+    items, max_id = 0, 0
+    for ids, vectors in vector_chunks(db, coll.id, "embedding"):
+        for item, vector in zip(ids.tolist(), vectors):
+            index.add_item(item, vector)
+        items, max_id = items + len(ids), int(ids[-1])
     index.build(trees, n_jobs=1)  # one job: the same seed gives the same trees
     ann = index_path(annoy_dir, coll.name)
-    ann.parent.mkdir(parents=True, exist_ok=True)
-    sidecar = Sidecar(coll.name, len(ids), int(ids.max()) if len(ids) else 0, coll.pca_dims, state["pca_version"], trees, METRIC, time.time())
-    tmp = ann.with_name(f".{ann.name}.{os.getpid()}.tmp")
-    index.save(str(tmp))
-    index.unload()
-    os.replace(tmp, ann)
+    sidecar = Sidecar(coll.name, items, max_id, coll.pca_dims, state["pca_version"], trees, METRIC, time.time())
+    with replacing(ann) as tmp:
+        index.save(str(tmp))
+        index.unload()
     write_atomically(sidecar_path(ann), json.dumps(asdict(sidecar), indent=2))
     return sidecar
-
-
-def write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def read_sidecar(ann: Path) -> Sidecar | None:

@@ -57,16 +57,16 @@ def load_caltech101(source, **options):
 
     Example: ingest load caltech101 --source 101_ObjectCategories.tar.gz --weights random --limit-per-class 2
     """
-    from ingest import sources
+    from ingest.caltech101 import EXCLUDED_CALTECH_LABELS, prepare_caltech101
     from ingest.errors import SourceError
+    from ingest.sources import walk_folder
 
     if source is not None and not source.exists():
         raise SourceError(f"no such file or folder: {source}")
     settings, db = open_database(options.pop("database_url"))
 
     def find_candidates():
-        root = sources.prepare_caltech101(source, settings.datasets_dir)
-        return sources.walk_folder(root, exclude_labels=sources.EXCLUDED_CALTECH_LABELS)
+        return walk_folder(prepare_caltech101(source, settings.datasets_dir), exclude_labels=EXCLUDED_CALTECH_LABELS)
 
     run_load(settings, db, options.pop("collection") or "caltech101", find_candidates, **options)
 
@@ -79,27 +79,26 @@ def load_folder(path, **options):
 
     Example: ingest load folder ~/Pictures/shoes --weights random
     """
-    from ingest import sources
+    from ingest.sources import walk_folder
 
     settings, db = open_database(options.pop("database_url"))
-    found = sources.walk_folder(path)
+    found = walk_folder(path)
     run_load(settings, db, options.pop("collection") or path.resolve().name, lambda: found, **options)
 
 
 def run_load(settings, db, name, find_candidates, weights, pca_dims, limit_per_class, batch_size, trees, strict, as_json):
     """Shared tail of every load: build the model first, so weights that cannot be had fail before any
     download or extraction; then find the pictures, load them, report."""
-    from ingest import sources
-    from ingest.features import FeatureExtractor
+    from ingest.features import extractor_for
     from ingest.load import load_collection
+    from ingest.sources import limit_per_label
 
-    extractor = FeatureExtractor(weights)
+    extractor = extractor_for(weights)
     candidates, skipped = find_candidates()
     if limit_per_class:
-        candidates = sources.limit_per_label(candidates, limit_per_class)
-    summary = load_collection(
-        db, settings.annoy_dir, name, candidates, extractor, pca_dims, batch_size, trees, skipped=skipped, progress=not as_json
-    )
+        candidates = limit_per_label(candidates, limit_per_class)
+    summary = load_collection(db, settings, name, candidates, extractor, pca_dims=pca_dims, batch_size=batch_size, trees=trees,
+                              skipped=skipped, progress=not as_json)
     report_load(summary, as_json)
     if strict and summary.failed:
         raise click.ClickException(f"{summary.failed} file(s) could not be ingested (--strict); see table ingest_failures")
@@ -132,7 +131,7 @@ def status_command(database_url, as_json):
     from ingest.status import status
 
     settings, db = open_database(database_url)
-    info = status(db, settings.annoy_dir)
+    info = status(db, settings)
     if as_json:
         print_json(info)
         return
@@ -158,13 +157,11 @@ def reduce_command(pca_dims, trees, collection, database_url):
 
     Example: ingest reduce --pca-dims 64 --collection caltech101
     """
-    from ingest.load import finish_collection
-    from ingest.store import resolve_collection
+    from ingest.collection import Collection
 
     settings, db = open_database(database_url)
-    name = resolve_collection(db.engine, collection).name
-    coll = finish_collection(db, settings.annoy_dir, name, trees, refit_dims=pca_dims)
-    click.echo(f"{name}: PCA refitted to {coll.pca_dims} dims (version {coll.pca_version}); embeddings and Annoy index rewritten")
+    coll = Collection.named(db, settings, collection).refit(pca_dims, trees=trees)
+    click.echo(f"{coll.name}: PCA refitted to {coll.dims} dims (version {coll.row.pca_version}); embeddings and Annoy index rewritten")
 
 
 @cli.command("index")
@@ -176,15 +173,13 @@ def index_command(trees, collection, database_url):
 
     Example: ingest index --collection caltech101 --trees 100
     """
-    from ingest.annoy_index import build_index
-    from ingest.load import finish_collection
-    from ingest.store import resolve_collection
+    from ingest.collection import Collection
 
     settings, db = open_database(database_url)
-    coll = resolve_collection(db.engine, collection)
+    coll = Collection.named(db, settings, collection)
     if coll.pca is None:
-        coll = finish_collection(db, settings.annoy_dir, coll.name, trees)
-    sidecar = build_index(db.engine, settings.annoy_dir, coll, trees)
+        coll.finish(trees=trees)
+    sidecar = coll.build_index(trees)
     click.echo(f"{coll.name}: Annoy index of {sidecar.items} items, {sidecar.trees} trees, {sidecar.dims} dims")
 
 
@@ -214,7 +209,7 @@ def db_upgrade(database_url):
     from ingest.db import HEAD_REVISION, upgrade
 
     _, database = open_database(database_url)
-    upgrade(database.engine)
+    upgrade(database.sqlalchemy)
     click.echo(f"database at revision {HEAD_REVISION}")
 
 
@@ -255,13 +250,14 @@ def finetune_command(collection, epochs, unfreeze, augment, holdout, seed, into,
     """
     from dataclasses import asdict
 
+    from ingest.collection import Collection
     from ingest.finetune import finetune
-    from ingest.store import resolve_collection
 
     settings, db = open_database(database_url)
-    name = resolve_collection(db.engine, collection).name
+    name = Collection.named(db, settings, collection).name
     unfreeze = None if unfreeze == "none" else unfreeze
-    summary = finetune(db, settings, name, into, epochs, unfreeze, augment, holdout, seed, batch_size, learning_rate, progress=not as_json)
+    summary = finetune(db, settings, name, into=into, epochs=epochs, unfreeze=unfreeze, augment=augment, holdout=holdout, seed=seed,
+                       batch_size=batch_size, learning_rate=learning_rate, progress=not as_json)
     if as_json:
         print_json({k: v for k, v in asdict(summary).items() if k not in ("train_ids", "holdout_ids")})
         return

@@ -13,6 +13,7 @@ import platformdirs
 APP_NAME = "reverse-image-search"
 DEFAULT_BATCH_SIZE = 32  # pictures per forward pass and per committed transaction
 DEFAULT_TREES = 100  # Annoy trees: recall@10 0.97 on Caltech 101 at PCA 128 (bench/search.py); 50 gave 0.95-
+DEFAULT_STATEMENT_TIMEOUT = "30s"  # what a user's SQL (search sql, --where) may cost; RIS_STATEMENT_TIMEOUT overrides
 
 
 @dataclass(frozen=True)
@@ -21,13 +22,16 @@ class Settings:
 
     home: Path
     database_url: str | None = None
+    statement_timeout: str = DEFAULT_STATEMENT_TIMEOUT  # a PostgreSQL interval; '0' means no limit
 
     @classmethod
-    def load(cls, database_url: str | None = None, home: str | Path | None = None) -> "Settings":
-        """Build settings from flags, then `RIS_HOME` / `DATABASE_URL`, then the platform's user data directory."""
+    def load(cls, database_url: str | None = None, home: str | Path | None = None, statement_timeout: str | None = None) -> "Settings":
+        """Build settings from flags, then `RIS_HOME` / `DATABASE_URL` / `RIS_STATEMENT_TIMEOUT`, then defaults
+        (the platform's user data directory, the embedded server, 30 s)."""
         home = Path(home or os.environ.get("RIS_HOME") or platformdirs.user_data_path(APP_NAME)).expanduser()
         url = database_url or os.environ.get("DATABASE_URL") or None
-        return cls(home=home.resolve(), database_url=url)
+        timeout = statement_timeout or os.environ.get("RIS_STATEMENT_TIMEOUT") or DEFAULT_STATEMENT_TIMEOUT
+        return cls(home=home.resolve(), database_url=url, statement_timeout=timeout)
 
     @property
     def pgdata(self) -> Path:

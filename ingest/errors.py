@@ -25,5 +25,18 @@ class CollectionError(RisError):
     """A collection is missing, empty or not in a state the command needs."""
 
 
+class FilterError(RisError):
+    """A search filter (--where) that is not one self-contained condition."""
+
+
 class IndexFileError(RisError):
     """An Annoy index file is missing, stale or damaged."""
+
+
+def first_line(message: str) -> str:
+    """psycopg messages carry DETAIL/HINT lines and SQLAlchemy appends a link; keep the first real line."""
+    for line in message.strip().splitlines():
+        line = line.strip()
+        if line:
+            return line.removeprefix("connection failed: ")
+    return message

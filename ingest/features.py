@@ -14,10 +14,12 @@ from pathlib import Path
 import numpy as np
 
 from ingest.errors import WeightsError
+from ingest.images import INPUT_SIZE
 
 MODEL_NAME = "ResNet50"
 RAW_DIMS = 2048
 RANDOM_SEED = 0
+INPUT_SHAPE = (INPUT_SIZE, INPUT_SIZE, 3)  # what ingest.images decodes every picture to
 WEIGHTS_HELP = "pass --weights random (offline, seeded) or --weights PATH to a local ResNet50 weights file"
 
 
@@ -65,6 +67,14 @@ def build_resnet50(weights: str):
         raise WeightsError(f"cannot {what} ({reason}); {WEIGHTS_HELP}") from None
 
 
+def preprocess(pixels):
+    """uint8 or float RGB pixels (0..255) -> what ResNet50 was trained on; the one copy ingest, queries and fine-tuning use."""
+    import tensorflow as tf
+    from keras.applications.resnet50 import preprocess_input
+
+    return preprocess_input(tf.cast(pixels, tf.float32))
+
+
 def fingerprint(model) -> str:
     """sha256 over every weight tensor: two extractors agree on vectors exactly when this agrees."""
     digest = hashlib.sha256()
@@ -78,16 +88,15 @@ class FeatureExtractor:
 
     def __init__(self, weights: str = "imagenet"):
         tf = quiet_tensorflow()
-        from keras.applications.resnet50 import preprocess_input
 
         self.weights = parse_weights(weights)
         self.model = build_resnet50(self.weights)
         self.fingerprint = fingerprint(self.model)
         model = self.model
 
-        @tf.function(input_signature=[tf.TensorSpec([None, 224, 224, 3], tf.uint8)], reduce_retracing=True)
+        @tf.function(input_signature=[tf.TensorSpec([None, *INPUT_SHAPE], tf.uint8)], reduce_retracing=True)
         def forward(pixels):
-            return model(preprocess_input(tf.cast(pixels, tf.float32)), training=False)
+            return model(preprocess(pixels), training=False)
 
         self._forward = forward
 
@@ -97,10 +106,28 @@ class FeatureExtractor:
             return np.zeros((0, RAW_DIMS), np.float32)
         return self._forward(np.ascontiguousarray(pixels, dtype=np.uint8)).numpy().astype(np.float32, copy=False)
 
-    def check_matches(self, recorded_fingerprint: str, collection: str) -> None:
-        """Refuse to embed a query with weights other than those its collection was built with."""
-        if self.fingerprint != recorded_fingerprint:
-            raise WeightsError(
-                f"the weights loaded now ({self.weights}) differ from those collection {collection!r} was built with "
-                f"(fingerprint {self.fingerprint[:12]} != {recorded_fingerprint[:12]}); re-ingest or restore those weights"
-            )
+
+_extractors: dict[str, FeatureExtractor] = {}
+
+
+def extractor_for(weights: str) -> FeatureExtractor:
+    """The process's one extractor for these weights: building ResNet50 costs seconds, so it is built once."""
+    if weights in _extractors:
+        return _extractors[weights]
+    key = parse_weights(weights)
+    if key not in _extractors:
+        _extractors[key] = FeatureExtractor(key)
+    return _extractors[key]
+
+
+def check_weights(fingerprint: str, weights: str, *, collection: str, recorded_weights: str, recorded_fingerprint: str,
+                  remedy: str) -> None:
+    """Refuse weights other than those a collection's vectors were made with: two models' vectors never mix.
+
+    The one check behind loads, queries and fine-tuning; `remedy` says what the user can do in that case.
+    """
+    if fingerprint != recorded_fingerprint:
+        raise WeightsError(
+            f"the weights {weights} (fingerprint {fingerprint[:12]}) differ from those collection {collection!r} was built with "
+            f"({recorded_weights}, fingerprint {recorded_fingerprint[:12]}); {remedy}"
+        )

@@ -23,7 +23,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-RAW_DIMS = 2048
+from ingest.features import RAW_DIMS
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -48,7 +48,6 @@ class Collection(Base):
     model: Mapped[str] = mapped_column(Text)
     weights: Mapped[str] = mapped_column(Text)
     weights_fingerprint: Mapped[str] = mapped_column(String(64))
-    normalization: Mapped[str] = mapped_column(Text, server_default="l2")
     pca_dims: Mapped[int] = mapped_column(Integer)
     pca_version: Mapped[int] = mapped_column(Integer, server_default="0")
     pca_mean: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)

@@ -23,13 +23,19 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON f
 collection_option = click.option(
     "--collection", "-c", metavar="NAME", help="Collection name. Default: the only one, else caltech101."
 )
+timeout_option = click.option(
+    "--statement-timeout",
+    envvar="RIS_STATEMENT_TIMEOUT",
+    metavar="INTERVAL",
+    help="Longest a user's SQL (--where, search sql) may run, as PostgreSQL reads it: 30s, 5min, 0 for none. Default: 30s.",
+)
 
 
-def open_database(database_url: str | None):
-    """Settings from the flag/environment, and a migrated database."""
+def open_database(database_url: str | None, statement_timeout: str | None = None):
+    """Settings from the flags/environment, and a migrated database."""
     from ingest.db import connect
 
-    settings = Settings.load(database_url)
+    settings = Settings.load(database_url, statement_timeout=statement_timeout)
     return settings, connect(settings)
 
 
@@ -63,8 +69,16 @@ class ErrorHandlingGroup(click.Group):
             click.echo("\ninterrupted: what was stored is kept; run the same command again to finish", err=True)
             sys.exit(130)
         except Exception as e:
-            if "sqlalchemy" in sys.modules and isinstance(e, sys.modules["sqlalchemy"].exc.DBAPIError):
-                from ingest.db import first_line
+            if is_database_error(e):
+                from ingest.errors import first_line
 
-                raise click.ClickException(f"database error: {first_line(str(e.orig or e))}") from None
+                raise click.ClickException(f"database error: {first_line(str(getattr(e, 'orig', None) or e))}") from None
             raise
+
+
+def is_database_error(e: Exception) -> bool:
+    """An error the server or driver raised (a timeout, a lost connection): through SQLAlchemy, or from a raw
+    psycopg cursor (COPY, binary reads), which SQLAlchemy does not wrap."""
+    if "sqlalchemy" in sys.modules and isinstance(e, sys.modules["sqlalchemy"].exc.DBAPIError):
+        return True
+    return "psycopg" in sys.modules and isinstance(e, sys.modules["psycopg"].Error)

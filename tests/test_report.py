@@ -1,5 +1,5 @@
 """search report: a small collection loaded through the CLI, reports built on it, files and numbers checked
-against an independent computation (read_vectors + brute force by hand, AnnoyEngine.search one query at a time)."""
+against an independent computation (read_vectors + brute force by hand, Annoy searched one query at a time)."""
 from __future__ import annotations
 
 import json
@@ -13,11 +13,14 @@ from PIL import Image
 
 from ingest.cli import cli as ingest_cli
 from ingest.reduce import normalize
-from ingest.store import get_collection, read_vectors
+from ingest.collection import Collection
+from ingest.store import read_vectors
 from search.cli import cli as search_cli
-from search.engines import AnnoyEngine, brute_force
-from search.report import build_report, exact_neighbours, grid_cells, tsne_perplexity
-from tests.conftest import make_folder
+from search.evaluation import brute_force, exact_neighbours
+from search.figures import grid_cells
+from search.report import build_report
+from search.tsne import tsne_perplexity
+from tests.conftest import collection_row, make_folder
 
 NAME = "report-shapes"
 K = 4
@@ -32,26 +35,26 @@ def collection(tmp_path_factory, ris_home, db):
         mp.delenv("DATABASE_URL", raising=False)
         result = CliRunner().invoke(ingest_cli, ["load", "folder", str(folder), "--collection", NAME, "--weights", "random", "--pca-dims", "4"])
     assert result.exit_code == 0, result.output
-    return get_collection(db.engine, NAME)
+    return collection_row(db, NAME)
 
 
 @pytest.fixture(scope="module")
 def report(collection, db, settings, tmp_path_factory):
     out = tmp_path_factory.mktemp("report-out")
-    return build_report(db, settings.annoy_dir, NAME, out, seed=0, k=K, progress=False)
+    return build_report(db, settings, NAME, out, seed=0, k=K, progress=False)
 
 
 def by_hand(db, settings, coll):
     """Leave-one-out precision@k (exact and Annoy) and Annoy's recall, one query at a time."""
-    ids, vectors = read_vectors(db.engine, coll.id, "embedding")
-    with db.engine.connect() as conn:
+    ids, vectors = read_vectors(db, coll.id, "embedding")
+    with db.sqlalchemy.connect() as conn:
         label = dict(conn.execute(sa.text("SELECT id, label FROM images WHERE collection_id = :c"), {"c": coll.id}).all())
-    annoy = AnnoyEngine(db.engine, coll, settings.annoy_dir)
+    annoy = Collection.named(db, settings, coll.name)
     exact_p, annoy_p, recall = [], [], []
     for item, vector in zip(ids.tolist(), vectors):
         near, _ = brute_force(ids, vectors, vector, K + 1)
         near = [i for i in near.tolist() if i != item][:K]
-        approx = [h.id for h in annoy.search(vector, K, exclude=item)]
+        approx = [h.id for h in annoy.similar(vector, K, engine="annoy", exclude=item)]
         exact_p.append(sum(label[i] == label[item] for i in near) / K)
         annoy_p.append(sum(label[i] == label[item] for i in approx) / K)
         recall.append(len(set(near) & set(approx)) / K)
@@ -90,7 +93,7 @@ def test_numbers_match_an_independent_computation(report, collection, db, settin
     assert {s.label for s in scores} == {"red", "green", "blue", "yellow"} and all(s.queries == 6 for s in scores)
     assert report.best_labels[0].exact == max(s.exact for s in scores)
     assert np.mean([s.exact for s in report.best_labels]) == pytest.approx(exact)  # equal-sized labels
-    _, raw = read_vectors(db.engine, collection.id, "raw")
+    _, raw = read_vectors(db, collection.id, "raw")
     from sklearn.decomposition import PCA
 
     kept = PCA().fit(normalize(raw)).explained_variance_ratio_[: collection.pca_dims].sum()
@@ -102,7 +105,7 @@ def test_numbers_match_an_independent_computation(report, collection, db, settin
 
 
 def test_same_seed_same_report(report, db, settings, tmp_path):
-    again = build_report(db, settings.annoy_dir, NAME, tmp_path / "again", seed=0, k=K, progress=False)
+    again = build_report(db, settings, NAME, tmp_path / "again", seed=0, k=K, progress=False)
     np.testing.assert_array_equal(again.tsne_xy, report.tsne_xy)
     numbers = lambda r: {k: v for k, v in r.to_dict().items() if k not in ("out", "files", "timings", "latency")}  # noqa: E731
     assert numbers(again) == numbers(report)
@@ -115,7 +118,7 @@ def test_command_writes_a_sampled_report_drawn_with_the_seed(collection, db, set
     printed = json.loads(result.stdout)
     assert printed["sampled"] == 12 and printed["images"] == 24 and printed["files"][0].endswith("index.html")
     assert set(printed["timings"]) >= {"t-SNE", "PCA variance curve", "neighbour grids"}
-    library = build_report(db, settings.annoy_dir, NAME, tmp_path / "lib", sample=12, seed=3, k=2, progress=False)
+    library = build_report(db, settings, NAME, tmp_path / "lib", sample=12, seed=3, k=2, progress=False)
     assert library.tsne_xy.shape == (12, 2)
     for key in ("precision_exact", "precision_annoy", "annoy_recall", "explained_variance", "best_labels", "tsne"):
         assert json.loads(json.dumps(library.to_dict()[key])) == printed[key]

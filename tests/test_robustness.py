@@ -26,11 +26,13 @@ import sqlalchemy as sa
 
 from ingest.annoy_index import index_path, read_sidecar
 from ingest.db import sqlalchemy_url
-from ingest.load import LoadSummary, finish_collection, load_collection, prepare, store_batch
+from ingest import locks
+from ingest.collection import Collection
+from ingest.load import LoadSummary, load_collection, prepare, store_batch
 from ingest.reduce import fit_pca
 from ingest.sources import walk_folder
-from ingest.store import find_collection, get_collection, read_vectors, save_pca
-from tests.conftest import COLOURS, make_folder
+from ingest.store import find_row, read_vectors, save_pca
+from tests.conftest import COLOURS, collection_row, make_folder
 from tests.pg import TcpPostgres
 from tests.test_sources import CLASSES, hostile_tar, make_caltech_tree, make_tar_gz
 
@@ -40,7 +42,6 @@ STEP_TIMEOUT = 180  # seconds to reach one point of a run (a progress count, a l
 PROGRESS = re.compile(rb"\| *(\d+)/(\d+) \[")  # tqdm: "  13%|#3   | 8/60 [00:05<00:31, ...]"
 INTERRUPTED = "interrupted: what was stored is kept; run the same command again to finish"
 LOAD_OPTIONS = ("--weights", "random", "--pca-dims", "4")
-PG15_BIN = Path("/usr/lib/postgresql/15/bin")  # Debian's PostgreSQL 15, which has no pgvector on this image
 
 
 # --- running the commands ------------------------------------------------------------------------
@@ -67,11 +68,20 @@ class Finished:
         return [line for line in re.split(r"[\r\n]", self.stderr) if line.strip() and not PROGRESS.search(line.encode())]
 
 
+def default_sigint() -> None:
+    """preexec_fn of every command under test: SIGINT back to its default action before exec.
+
+    A shell without job control starts background jobs (`pytest ... &`, nohup under a script) with SIGINT
+    ignored, an ignored signal stays ignored across fork and exec, and a Python started with SIGINT ignored
+    never raises KeyboardInterrupt: the Ctrl-C tests would then test nothing but the launch."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def cli(ris_home: Path, program: str, *args, database_url: str | None = None, timeout: float = PROCESS_TIMEOUT) -> Finished:
     """Run `ingest ...` or `search ...` to the end."""
     done = subprocess.run(
         [str(BIN / program), *map(str, args)], env=child_env(ris_home, database_url),
-        capture_output=True, encoding="utf-8", timeout=timeout,
+        capture_output=True, encoding="utf-8", timeout=timeout, preexec_fn=default_sigint,
     )
     return Finished(done.returncode, done.stdout, done.stderr)
 
@@ -80,7 +90,7 @@ class Running:
     """A command whose output is collected while it runs, so a test can act at a given point of its progress."""
 
     def __init__(self, argv: list[str], env: dict[str, str]):
-        self.proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=default_sigint)
         self.out, self.err = bytearray(), bytearray()
         self.readers = [
             threading.Thread(target=self._pump, args=(stream, sink), daemon=True)
@@ -165,7 +175,7 @@ def valid_among_first(folder: Path, n: int, valid: set[str]) -> set[str]:
 
 def collection_id(engine, name: str) -> int | None:
     with engine.connect() as conn:
-        found = find_collection(conn, name)
+        found = find_row(conn, name)
     return found.id if found else None
 
 
@@ -249,7 +259,7 @@ def test_kill_9_at_six_moments_then_a_rerun_completes(db, ris_home, tmp_path, sp
         run.proc.kill()
         result = run.finish()
         assert result.returncode in ((-signal.SIGKILL, 0) if may_have_finished else (-signal.SIGKILL,)), result.stderr
-        now = check_consistent(db.engine, name, valid)
+        now = check_consistent(db.sqlalchemy, name, valid)
         assert now >= stored[-1], "a kill lost committed rows"
         stored.append(now)
 
@@ -264,10 +274,10 @@ def test_kill_9_at_six_moments_then_a_rerun_completes(db, ris_home, tmp_path, sp
     killed(run)
 
     # 3. Inside a batch's transaction: its rows are COPYed and the INSERT waits on a row lock we hold.
-    blocker = block_one_insert(db.engine, name, folder)
+    blocker = block_one_insert(db.sqlalchemy, name, folder)
     try:
         run = spawn("ingest", *args)
-        run.wait_for(lambda: waiting_on_lock(db.engine, "WITH added AS") > 0, "the batch INSERT to wait")
+        run.wait_for(lambda: waiting_on_lock(db.sqlalchemy, "WITH added AS") > 0, "the batch INSERT to wait")
         killed(run)
     finally:
         blocker.rollback()
@@ -281,15 +291,10 @@ def test_kill_9_at_six_moments_then_a_rerun_completes(db, ris_home, tmp_path, sp
     assert stored[-1] >= len(valid_among_first(folder, 20, valid))
 
     # 5. After every row is stored, waiting for the end-of-load lock (before PCA and the Annoy file).
-    with db.engine.connect() as holder:
-        holder.execute(sa.text("SELECT pg_advisory_lock(7474202, :c)"), {"c": collection_id(db.engine, name)})
-        try:
-            run = spawn("ingest", *args)
-            run.wait_for(lambda: waiting_on_lock(db.engine, "SELECT pg_advisory_lock") > 0, "the end-of-load lock")
-            killed(run)
-        finally:
-            holder.execute(sa.text("SELECT pg_advisory_unlock_all()"))
-            holder.commit()
+    with db.sqlalchemy.connect() as holder, locks.holding(holder, locks.COLLECTION, of=collection_id(db.sqlalchemy, name)):
+        run = spawn("ingest", *args)
+        run.wait_for(lambda: waiting_on_lock(db.sqlalchemy, "SELECT pg_advisory_lock") > 0, "the end-of-load lock")
+        killed(run)
     assert stored[-1] == len(valid)
 
     # 6. When the bar is full: fitting PCA, writing embeddings or building the index (it may just finish).
@@ -302,7 +307,7 @@ def test_kill_9_at_six_moments_then_a_rerun_completes(db, ris_home, tmp_path, sp
     assert final.returncode == 0, final.stderr
     summary = json.loads(final.stdout)
     assert summary["ingested"] + summary["present"] == total - 1 and summary["failed"] == 1
-    check_complete(db.engine, ris_home, name, valid)
+    check_complete(db.sqlalchemy, ris_home, name, valid)
 
 
 # --- Ctrl-C --------------------------------------------------------------------------------------
@@ -317,14 +322,14 @@ def test_ctrl_c_is_one_line_exit_130_and_a_rerun_finishes(db, ris_home, tmp_path
     result = run.finish()
     assert result.returncode == 130, result.stderr
     assert result.messages == [INTERRUPTED] and "Traceback" not in result.stderr
-    kept = check_consistent(db.engine, "interrupted", valid)
+    kept = check_consistent(db.sqlalchemy, "interrupted", valid)
     assert kept >= 4
 
     rerun = cli(ris_home, "ingest", *args, "--json")
     assert rerun.returncode == 0, rerun.stderr
     summary = json.loads(rerun.stdout)
     assert summary["present"] >= kept and summary["ingested"] + summary["present"] == len(valid) + 1
-    check_complete(db.engine, ris_home, "interrupted", valid)
+    check_complete(db.sqlalchemy, ris_home, "interrupted", valid)
 
 
 def test_ctrl_c_while_the_command_starts_is_one_line_exit_130(tmp_path, spawn):
@@ -350,7 +355,7 @@ def test_two_loads_of_one_folder_at_once(db, ris_home, tmp_path, spawn):
     for summary in summaries:
         assert summary["ingested"] + summary["present"] == len(valid) + 1 and summary["failed"] == 1
     assert sum(s["ingested"] for s in summaries) == len(valid)
-    check_complete(db.engine, ris_home, "twice", valid)
+    check_complete(db.sqlalchemy, ris_home, "twice", valid)
 
 
 # --- a load and `ingest reduce` at once ----------------------------------------------------------
@@ -363,22 +368,22 @@ def test_a_batch_stored_while_ingest_reduce_refits_gets_the_new_pca(db, settings
     The interleaving is replayed step by step with the library calls both commands make."""
     name = f"reduce-race-{moment}"
     candidates = walk_folder(make_folder(tmp_path / "race", per_label=4))[0]
-    load_collection(db, settings.annoy_dir, name, candidates[:8], extractor, pca_dims=4, progress=False)
-    opened = get_collection(db.engine, name)  # what the running load holds
+    load_collection(db, settings, name, candidates[:8], extractor, pca_dims=4, progress=False)
+    opened = Collection.named(db, settings, name, extractor=extractor)  # what the running load holds
     batch = [prepare(c, set()) for c in candidates[8:]]
     if moment == "after":
-        finish_collection(db, settings.annoy_dir, name, refit_dims=3)
-        store_batch(db, opened, batch, extractor, LoadSummary(name))
+        Collection.named(db, settings, name).refit(3)
+        store_batch(opened, batch, LoadSummary(name))
     else:
-        ids, raw = read_vectors(db.engine, opened.id, "raw")
-        store_batch(db, opened, batch, extractor, LoadSummary(name))
+        ids, raw = read_vectors(db, opened.id, "raw")
+        store_batch(opened, batch, LoadSummary(name))
         pca = fit_pca(raw, 3)
-        save_pca(db.engine, opened.id, pca, ids, pca.project(raw))
-    finish_collection(db, settings.annoy_dir, name)  # the load's own end
+        save_pca(db, opened.id, pca, ids, pca.project(raw))
+    Collection.named(db, settings, name).finish()  # the load's own end
 
-    coll = get_collection(db.engine, name)
-    ids, raw = read_vectors(db.engine, coll.id, "raw")
-    embedded, embeddings = read_vectors(db.engine, coll.id, "embedding", "AND i.embedding IS NOT NULL")
+    coll = collection_row(db, name)
+    ids, raw = read_vectors(db, coll.id, "raw")
+    embedded, embeddings = read_vectors(db, coll.id, "embedding")
     assert coll.pca_dims == 3 and len(ids) == 12 and np.array_equal(ids, embedded)
     np.testing.assert_allclose(embeddings, coll.pca.project(raw), atol=1e-4)
     assert read_sidecar(index_path(settings.annoy_dir, name)).items == 12
@@ -453,14 +458,25 @@ def test_postgres_stopped_mid_load_is_one_line_and_a_rerun_finishes(db, ris_home
 # Closed port and wrong password (one line, exit 1) are covered by tests/test_db.py::test_bad_database_url_is_one_line.
 
 
-def test_server_without_pgvector_is_one_line(ris_home, tmp_path):
-    if not (PG15_BIN / "initdb").exists():
-        pytest.skip(f"no PostgreSQL without pgvector here ({PG15_BIN} is missing)")
-    folder = tmp_path / "pg15"
+@pytest.fixture(scope="module")
+def bin_without_pgvector(tmp_path_factory) -> Path:
+    """The bin/ folder of a copy of the package's PostgreSQL install with pgvector's files removed."""
+    from tests.pg import install_without_pgvector
+
+    return install_without_pgvector(tmp_path_factory.mktemp("pg-no-vector"))
+
+
+def test_server_without_pgvector_is_one_line(ris_home, tmp_path, bin_without_pgvector):
+    import psycopg
+
+    folder = tmp_path / "pg-no-vector"
     folder.mkdir()
-    server = TcpPostgres(folder, password="s3cret", bin_dir=PG15_BIN)
+    server = TcpPostgres(folder, password="s3cret", bin_dir=bin_without_pgvector)
     server.start()
     try:
+        with psycopg.connect(server.url(), connect_timeout=30) as conn:
+            available = conn.execute("SELECT count(*) FROM pg_available_extensions WHERE name = 'vector'").fetchone()[0]
+        assert available == 0, "the server that should lack pgvector offers the vector extension"
         result = cli(ris_home, "ingest", "status", database_url=server.url())
     finally:
         server.stop()
@@ -473,10 +489,10 @@ def test_server_without_pgvector_is_one_line(ris_home, tmp_path):
 
 def test_eight_searches_at_once(db, settings, ris_home, tmp_path, extractor):
     folder = make_folder(tmp_path / "crowd", labels=tuple(COLOURS), per_label=3, seed=5)
-    load_collection(db, settings.annoy_dir, "crowd", walk_folder(folder)[0], extractor, pca_dims=4, progress=False)
-    with db.engine.connect() as conn:
+    load_collection(db, settings, "crowd", walk_folder(folder)[0], extractor, pca_dims=4, progress=False)
+    with db.sqlalchemy.connect() as conn:
         ids = conn.execute(
-            sa.text("SELECT id FROM images WHERE collection_id = :c ORDER BY id LIMIT 8"), {"c": collection_id(db.engine, "crowd")}
+            sa.text("SELECT id FROM images WHERE collection_id = :c ORDER BY id LIMIT 8"), {"c": collection_id(db.sqlalchemy, "crowd")}
         ).scalars().all()
     env = child_env(ris_home)
     procs = [
@@ -510,7 +526,7 @@ def test_hostile_archive_is_one_line(db, ris_home, tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert len(result.messages) == 1 and "refused" in result.messages[0], result.stderr
     assert not list(ris_home.rglob("evil")) and not (tmp_path / "evil").exists()
-    assert collection_id(db.engine, "evil") is None
+    assert collection_id(db.sqlalchemy, "evil") is None
 
 
 def test_truncated_archive_then_good_archive(db, ris_home, tmp_path):
@@ -522,7 +538,7 @@ def test_truncated_archive_then_good_archive(db, ris_home, tmp_path):
     cut = cli(ris_home, "ingest", *args, "--source", truncated)
     assert cut.returncode == 1 and "Traceback" not in cut.stderr
     assert len(cut.messages) == 1 and "truncated or not a valid archive" in cut.messages[0], cut.stderr
-    assert collection_id(db.engine, "caltech-cli") is None
+    assert collection_id(db.sqlalchemy, "caltech-cli") is None
 
     whole = cli(ris_home, "ingest", *args, "--source", good, "--json")
     assert whole.returncode == 0, whole.stderr

@@ -1,4 +1,5 @@
-"""search similar and search sql: exact pgvector equals brute force, Annoy agrees, errors are one line."""
+"""search similar and search sql: exact pgvector equals brute force, Annoy agrees, filters stay inside their
+collection, errors are one line."""
 from __future__ import annotations
 
 import json
@@ -15,10 +16,11 @@ from PIL import Image
 
 from ingest.annoy_index import index_path
 from ingest.cli import cli as ingest_cli
-from ingest.store import get_collection, read_vectors
+from ingest.collection import Collection
+from ingest.store import read_vectors
 from search.cli import cli as search_cli
-from search.engines import AnnoyEngine, PgvectorEngine, brute_force
-from tests.conftest import COLOURS, make_folder, make_picture
+from search.evaluation import brute_force
+from tests.conftest import collection_row, COLOURS, make_folder, make_picture
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +45,10 @@ def similar_json(*args):
     return json.loads(result.stdout)
 
 
-def test_pgvector_equals_numpy_brute_force(db, loaded):
-    coll = get_collection(db.engine, "colours")
-    ids, vectors = read_vectors(db.engine, coll.id, "embedding")
-    engine = PgvectorEngine(db.engine, coll)
+def test_pgvector_equals_numpy_brute_force(db, settings, loaded):
+    coll = Collection.named(db, settings, "colours")
+    ids, vectors = read_vectors(db, coll.id, "embedding")
+    engine = coll.engine("pgvector")
     rng = np.random.default_rng(0)
     queries = list(vectors[:5]) + [rng.normal(size=vectors.shape[1]).astype(np.float32) * vectors.std()]
     for q in queries:
@@ -56,29 +58,28 @@ def test_pgvector_equals_numpy_brute_force(db, loaded):
         np.testing.assert_allclose([h.distance for h in hits], want_d, rtol=1e-5, atol=1e-5)
 
 
-def test_pgvector_stays_exact_with_an_approximate_index(db, loaded):
-    coll = get_collection(db.engine, "colours")
-    ids, vectors = read_vectors(db.engine, coll.id, "embedding")
-    with db.engine.begin() as conn:
+def test_pgvector_stays_exact_with_an_approximate_index(db, settings, loaded):
+    coll = Collection.named(db, settings, "colours")
+    ids, vectors = read_vectors(db, coll.id, "embedding")
+    with db.sqlalchemy.begin() as conn:
         conn.execute(sa.text(
-            f"CREATE INDEX colours_hnsw ON images USING hnsw ((embedding::vector({coll.pca_dims})) vector_l2_ops) "
+            f"CREATE INDEX colours_hnsw ON images USING hnsw ((embedding::vector({coll.dims})) vector_l2_ops) "
             f"WHERE collection_id = {coll.id}"))
     try:
-        hits = PgvectorEngine(db.engine, coll).search(vectors[3], 20)
+        hits = coll.similar(vectors[3], 20)
         assert [h.id for h in hits] == brute_force(ids, vectors, vectors[3], 20)[0].tolist()
     finally:
-        with db.engine.begin() as conn:
+        with db.sqlalchemy.begin() as conn:
             conn.execute(sa.text("DROP INDEX colours_hnsw"))
 
 
 def test_annoy_recall_against_exact(db, settings, loaded):
-    coll = get_collection(db.engine, "colours")
-    ids, vectors = read_vectors(db.engine, coll.id, "embedding")
-    annoy = AnnoyEngine(db.engine, coll, settings.annoy_dir)
+    coll = Collection.named(db, settings, "colours")
+    ids, vectors = read_vectors(db, coll.id, "embedding")
     recalls = []
     for q in vectors:
         exact = set(brute_force(ids, vectors, q, 5)[0].tolist())
-        recalls.append(len(exact & {h.id for h in annoy.search(q, 5)}) / 5)
+        recalls.append(len(exact & {h.id for h in coll.similar(q, 5, engine="annoy")}) / 5)
     assert np.mean(recalls) >= 0.9
 
 
@@ -115,10 +116,93 @@ def test_label_and_where_filters(loaded, engine):
     assert len(hits) == 4 and all(h["path"].endswith("_1.jpg") for h in hits)
 
 
-def test_where_cannot_write(loaded, db):
-    result = search("similar", "-c", "colours", "--id", "1", "--where", "true) OR (SELECT count(*) FROM (DELETE FROM images RETURNING 1) d) > 0 OR (true")
-    assert result.exit_code == 1
-    assert CliRunner().invoke(search_cli, ["sql", "SELECT count(*) FROM images"]).exit_code == 0
+@pytest.mark.parametrize("engine", ["pgvector", "annoy"])
+def test_where_cannot_write(loaded, db, engine):
+    def state():
+        with db.connect() as conn:
+            return conn.execute(sa.text("SELECT (SELECT last_value FROM images_id_seq), (SELECT count(*) FROM images)")).one()
+
+    before = state()
+    first = similar_json(str(loaded / "red" / "red_0.jpg"), "-k", "1")[0]
+    for where in ["label = (SELECT setval('images_id_seq', 1)::text)", "label = (SELECT lo_import('/etc/passwd')::text)",
+                  "pg_catalog.set_config('transaction_read_only', 'off', true) IS NULL"]:
+        result = search("similar", "-c", "colours", "--id", str(first["id"]), "--engine", engine, "--where", where)
+        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert state() == before
+
+
+OTHER = "colours_other"
+
+
+@pytest.fixture(scope="module")
+def two_collections(loaded, db, settings, fake_extractor, tmp_path_factory):
+    """A second collection beside `colours`, with other dims: a filter that escaped would meet its rows."""
+    from ingest.load import load_collection
+    from ingest.sources import walk_folder
+
+    folder = make_folder(tmp_path_factory.mktemp("other") / "pics", labels=("red", "blue"), per_label=3, seed=11)
+    load_collection(db, settings, OTHER, walk_folder(folder)[0], fake_extractor, pca_dims=2, progress=False)
+    return Collection.named(db, settings, "colours"), Collection.named(db, settings, OTHER)
+
+
+HOSTILE_WHERE = [
+    "1=1)) OR ((vector_dims(embedding)=2",  # closes the parentheses it was put in
+    "1=1) OR (1=1",
+    "true) UNION ALL SELECT id, path, label, 0 FROM images WHERE (true",
+    "true --",  # a comment that would swallow the closing parenthesis
+    "true /* */",
+    "true; DELETE FROM images",
+    "label = 'red' OR $$x$$ = $$x$$",
+    "label = 'unterminated",
+    'label = "unterminated',
+    "label = E'\\' ) OR (true) OR (label = '",  # E'\\' ends where PostgreSQL says, not where a naive scan would
+    "label = '\\' ) OR (true) OR (label = '",  # standard strings: a backslash escapes nothing
+    "(true",
+]
+
+
+@pytest.mark.parametrize("where", HOSTILE_WHERE)
+@pytest.mark.parametrize("engine", ["pgvector", "annoy"])
+def test_a_filter_cannot_leave_its_collection(two_collections, where, engine):
+    colours, other = two_collections
+    first = int(read_vectors(colours.db, colours.id, "embedding")[0][0])
+    result = search("similar", "-c", "colours", "--id", str(first), "--engine", engine, "-k", "50", "--json", "--where", where)
+    if result.exit_code == 0:  # whatever it matched, it matched rows of colours only
+        assert {h["id"] for h in json.loads(result.stdout)} <= set(read_vectors(colours.db, colours.id, "embedding")[0].tolist())
+    else:
+        assert result.exit_code == 1 and "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("engine", ["pgvector", "annoy"])
+def test_filters_true_everywhere_still_see_one_collection(two_collections, engine):
+    colours, other = two_collections
+    colour_ids = set(read_vectors(colours.db, colours.id, "embedding")[0].tolist())
+    query = read_vectors(colours.db, colours.id, "embedding")[1][0]
+    for where in ["true", "collection_id <> 0 OR true", "id IN (SELECT id FROM images)", "(select count(*) from images) > 0",
+                  "label IN ('red', 'blue') OR label = ')' OR path LIKE '%(%'"]:
+        hits = colours.similar(query, 100, engine=engine, where=where)
+        assert hits and {h.id for h in hits} <= colour_ids
+    assert {h.id for h in colours.similar(query, 100, engine=engine, label="red")} <= colour_ids
+    # A label is a bound parameter: quotes in it are just characters.
+    assert colours.similar(query, 5, engine=engine, label="red' OR 'a' = 'a") == []
+
+
+def test_where_with_parentheses_and_quotes_inside_strings_works(two_collections):
+    colours, _ = two_collections
+    query = read_vectors(colours.db, colours.id, "embedding")[1][0]
+    hits = colours.similar(query, 50, where="(label = 'it''s (not) here' OR label = E'r\\ed' OR \"label\" = 'red') AND (path ~ '_[0-9]\\.jpg$')")
+    assert hits and {h.label for h in hits} == {"red"}
+
+
+def test_statement_timeout_bounds_a_filter_and_sql(loaded, monkeypatch):
+    monkeypatch.setenv("RIS_STATEMENT_TIMEOUT", "200ms")
+    first = similar_json(str(loaded / "red" / "red_0.jpg"), "-k", "1")[0]
+    for args in (["similar", "-c", "colours", "--id", str(first["id"]), "--where", "(SELECT true FROM pg_sleep(2))"],
+                 ["sql", "SELECT pg_sleep(2)"]):
+        result = search(*args)
+        assert result.exit_code == 1 and "statement timeout" in result.output, result.output
+    result = search("sql", "SELECT pg_sleep(0.3)", "--statement-timeout", "5s")
+    assert result.exit_code == 0, result.output
 
 
 def test_plot_writes_a_png(loaded, tmp_path):
@@ -177,11 +261,11 @@ def test_a_non_image_query_is_one_line(loaded, tmp_path):
 
 
 def test_sql_changes_nothing_and_prints_json(loaded, db):
-    with db.engine.connect() as conn:
+    with db.sqlalchemy.connect() as conn:
         before = conn.execute(sa.text("SELECT count(*) FROM images")).scalar()
     for statement in ["DELETE FROM images", "SELECT 1; DELETE FROM images", "DROP TABLE images CASCADE"]:
         assert search("sql", statement).exit_code == 1
-    with db.engine.connect() as conn:
+    with db.sqlalchemy.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM images")).scalar() == before
     result = search("sql", "SELECT label, count(*) AS n FROM images i JOIN collections c ON c.id = i.collection_id "
                     "WHERE c.name = 'colours' GROUP BY 1 ORDER BY 1", "--json")
@@ -198,8 +282,8 @@ def test_an_empty_collection_is_refused(db, tmp_path):
 
 
 def test_query_with_other_weights_is_refused(loaded, db, tmp_path):
-    recorded = get_collection(db.engine, "colours").weights_fingerprint
-    with db.engine.begin() as conn:
+    recorded = collection_row(db, "colours").weights_fingerprint
+    with db.sqlalchemy.begin() as conn:
         conn.execute(sa.text("UPDATE collections SET weights_fingerprint = 'deadbeef' WHERE name = 'colours'"))
     try:
         query = tmp_path / "q.png"
@@ -207,7 +291,7 @@ def test_query_with_other_weights_is_refused(loaded, db, tmp_path):
         result = search("similar", str(query), "-c", "colours")
         assert result.exit_code == 1 and "differ from those collection 'colours' was built with" in result.output
     finally:
-        with db.engine.begin() as conn:
+        with db.sqlalchemy.begin() as conn:
             conn.execute(sa.text("UPDATE collections SET weights_fingerprint = :f WHERE name = 'colours'"), {"f": recorded})
 
 

@@ -16,14 +16,9 @@ import pytest
 from PIL import Image
 
 from ingest.errors import SourceError
-from ingest.sources import (
-    EXCLUDED_CALTECH_LABELS,
-    Candidate,
-    download,
-    extract_archive,
-    prepare_caltech101,
-    walk_folder,
-)
+from ingest.archives import download, extract_archive
+from ingest.caltech101 import EXCLUDED_CALTECH_LABELS, prepare_caltech101
+from ingest.sources import Candidate, walk_folder
 
 CLASSES = ("airplanes", "Faces", "yin_yang")
 
