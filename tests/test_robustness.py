@@ -216,13 +216,12 @@ def check_complete(engine, ris_home: Path, name: str, valid: set[str], database_
     assert entry["annoy"]["fresh"] is True and entry["annoy"]["items"] == len(valid)
 
 
-def waiting_on_lock(engine, query_prefix: str) -> int:
-    """Sessions blocked on a lock while running a statement that starts with query_prefix.
-    A fresh transaction each time: pg_stat_activity is a snapshot taken once per transaction."""
+def waiting_on_lock(engine, kind: str) -> int:
+    """Sessions blocked on a lock of this kind (pg_stat_activity's wait_event): 'advisory' for a collection lock,
+    'transactionid' for a row another transaction holds. A fresh transaction each time: the view is a snapshot."""
     with engine.connect() as conn:
         return conn.execute(
-            sa.text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE :q"),
-            {"q": query_prefix + "%"},
+            sa.text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND wait_event = :kind"), {"kind": kind}
         ).scalar()
 
 
@@ -277,7 +276,7 @@ def test_kill_9_at_six_moments_then_a_rerun_completes(db, ris_home, tmp_path, sp
     blocker = block_one_insert(db.sqlalchemy, name, folder)
     try:
         run = spawn("ingest", *args)
-        run.wait_for(lambda: waiting_on_lock(db.sqlalchemy, "WITH added AS") > 0, "the batch INSERT to wait")
+        run.wait_for(lambda: waiting_on_lock(db.sqlalchemy, "transactionid") > 0, "the batch INSERT to wait")
         killed(run)
     finally:
         blocker.rollback()
@@ -293,7 +292,7 @@ def test_kill_9_at_six_moments_then_a_rerun_completes(db, ris_home, tmp_path, sp
     # 5. After every row is stored, waiting for the end-of-load lock (before PCA and the Annoy file).
     with db.sqlalchemy.connect() as holder, locks.holding(holder, locks.COLLECTION, of=collection_id(db.sqlalchemy, name)):
         run = spawn("ingest", *args)
-        run.wait_for(lambda: waiting_on_lock(db.sqlalchemy, "SELECT pg_advisory_lock") > 0, "the end-of-load lock")
+        run.wait_for(lambda: waiting_on_lock(db.sqlalchemy, "advisory") > 0, "the end-of-load lock")
         killed(run)
     assert stored[-1] == len(valid)
 
@@ -440,7 +439,7 @@ def test_postgres_stopped_mid_load_is_one_line_and_a_rerun_finishes(db, ris_home
     # Inside a batch's transaction: the server stops while the INSERT waits on a row lock we hold.
     blocker = block_one_insert(engine, "pg-stopped", folder)
     run = spawn("ingest", *args, database_url=url)
-    run.wait_for(lambda: waiting_on_lock(engine, "WITH added AS") > 0, "the batch INSERT to wait")
+    run.wait_for(lambda: waiting_on_lock(engine, "transactionid") > 0, "the batch INSERT to wait")
     pg_ctl(tcp_server, "-m", "immediate", "stop")
     blocker.invalidate()
     blocker.close()
