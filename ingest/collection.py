@@ -198,6 +198,10 @@ class Collection:
         """(ids, matrix) blocks in id order: 'embedding' (searchable rows) or 'raw' (features of every row)."""
         return store.vector_chunks(self.db, self.id, kind, chunk)
 
+    def read_vectors(self, kind: str = "embedding") -> tuple[np.ndarray, np.ndarray]:
+        """All of `vectors` at once: (ids, matrix); for whole-collection work such as a report."""
+        return store.read_vectors(self.db, self.id, kind)
+
     def details(self, ids: list[int]) -> dict[int, tuple[str, str | None, str]]:
         """id -> (path, label, sha256) of some of the collection's images (ids of other collections are left out)."""
         return store.image_details(self.db, self.id, ids)

@@ -197,9 +197,7 @@ def compare_holdout(base: Collection, tuned_name: str, k: int) -> dict:
 
 def load_images(coll: Collection) -> Images:
     """Every searchable image: id, embedding, path, label and sha256."""
-    blocks = list(coll.vectors("embedding"))
-    ids = np.concatenate([b[0] for b in blocks]) if blocks else np.zeros(0, np.int64)
-    vectors = np.concatenate([b[1] for b in blocks]) if blocks else np.zeros((0, coll.dims), np.float32)
+    ids, vectors = coll.read_vectors("embedding")
     rows = coll.details(ids.tolist())
     return Images(ids, vectors, *([rows[i][n] for i in ids.tolist()] for n in range(3)))
 
@@ -239,8 +237,8 @@ def measure_latency(coll: Collection, *, images: Images, rows: np.ndarray,
 
 def variance_curve(coll: Collection, ids: np.ndarray, seed: int) -> np.ndarray:
     """Cumulative explained variance of a full PCA refit on the images' stored raw features (normalised, as at load)."""
-    raw = [block[np.isin(block_ids, ids)] for block_ids, block in coll.vectors("raw")]
-    return explained_variance_curve(normalize(np.concatenate(raw)), seed)
+    raw_ids, raw = coll.read_vectors("raw")
+    return explained_variance_curve(normalize(raw[np.isin(raw_ids, ids)]), seed)
 
 
 def grid_queries(coll: Collection, queries: np.ndarray, images: Images, engines: dict[str, str], k: int) -> list[GridQuery]:
