@@ -11,6 +11,8 @@ from datetime import datetime
 from pgvector.sqlalchemy import Vector
 from sqlalchemy import (
     BigInteger,
+    Boolean,
+    Index,
     DateTime,
     ForeignKey,
     Integer,
@@ -19,6 +21,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false as sa_false,
     func,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -53,6 +56,12 @@ class Collection(Base):
     pca_mean: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     pca_components: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     pca_explained_variance: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    # Bumped by each transaction that writes embeddings (holding this row): Annoy files record the value they
+    # were built at, and rows with a higher images.embedding_seq are their delta (ingest/engines.py).
+    embedding_seq: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    removed_rows: Mapped[int] = mapped_column(BigInteger, server_default="0")  # rows ever removed
+    hnsw: Mapped[bool] = mapped_column(Boolean, server_default=sa_false())  # keep a pgvector HNSW index
+    precision: Mapped[str] = mapped_column(Text, server_default="fp32")  # 'fp32' or 'bf16': how the CNN ran
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
@@ -61,7 +70,10 @@ class Image(Base):
     """One picture of a collection. `embedding` is NULL only until the collection's PCA is fitted."""
 
     __tablename__ = "images"
-    __table_args__ = (UniqueConstraint("collection_id", "sha256"),)
+    __table_args__ = (
+        UniqueConstraint("collection_id", "sha256"),
+        Index("ix_images_collection_id_embedding_seq", "collection_id", "embedding_seq"),
+    )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     collection_id: Mapped[int] = mapped_column(ForeignKey("collections.id", ondelete="CASCADE"), index=True)
@@ -74,6 +86,7 @@ class Image(Base):
     ingested_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     # No fixed dimension: each collection has its own PCA dims (collections.pca_dims).
     embedding = mapped_column(Vector(), nullable=True)
+    embedding_seq: Mapped[int] = mapped_column(BigInteger, server_default="0")  # the collections.embedding_seq that wrote it
 
 
 class Feature(Base):

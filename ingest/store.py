@@ -33,6 +33,10 @@ class CollectionRow:
     pca_dims: int
     pca_version: int
     pca: Pca | None
+    embedding_seq: int = 0  # bumped by each transaction that writes embeddings (ingest/engines.py: the delta)
+    removed_rows: int = 0  # rows ever removed from the collection
+    hnsw: bool = False  # a pgvector HNSW index is kept for it
+    precision: str = "fp32"  # how the CNN ran: 'fp32' or 'bf16'
 
 
 @dataclass(frozen=True)
@@ -47,7 +51,8 @@ class ImageRow:
     bytes: int
 
 
-COLLECTION_COLUMNS = "id, name, model, weights, weights_fingerprint, pca_dims, pca_version, pca_mean, pca_components, pca_explained_variance"
+COLLECTION_COLUMNS = ("id, name, model, weights, weights_fingerprint, pca_dims, pca_version, pca_mean, pca_components, "
+                      "pca_explained_variance, embedding_seq, removed_rows, hnsw, precision")
 
 # What `vector_chunks` can read; every query is restricted to one collection by a bound id.
 VECTOR_QUERIES = {
@@ -71,7 +76,8 @@ def as_array(value) -> np.ndarray:
 
 def to_row(row) -> CollectionRow:
     pca = Pca.from_bytes(row.pca_mean, row.pca_components, row.pca_explained_variance) if row.pca_mean else None
-    return CollectionRow(row.id, row.name, row.model, row.weights, row.weights_fingerprint, row.pca_dims, row.pca_version, pca)
+    return CollectionRow(row.id, row.name, row.model, row.weights, row.weights_fingerprint, row.pca_dims, row.pca_version, pca,
+                         row.embedding_seq, row.removed_rows, row.hnsw, row.precision)
 
 
 def find_row(conn: Connection, name: str) -> CollectionRow | None:
