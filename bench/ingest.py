@@ -6,8 +6,10 @@ One run on the Caltech 101 archive measures, with one model (same weights throug
   forward  the bare batched forward pass, `FeatureExtractor.embed` on pre-decoded batches of the
            same size, warmed up first (the first call traces and compiles);
   naive    decode and `model.predict(x[None])` one image at a time, what weaker projects do.
-Targets on our 2-core machines: load >= 85% of forward (decoding and storing hide behind the model)
-and >= 2.5x naive. The load is timed as `ingest load` runs it, cold model included; a breakdown
+The load and the forward pass run at fp32 (the baseline) and again at bf16 (`--precisions`).
+Targets on our 2-core machines: load >= 85% of forward (decoding and storing hide behind the model),
+>= 2.5x naive, and the bf16 load >= 1.25x the fp32 forward pass (AVX512_BF16 processors).
+The load is timed as `ingest load` runs it, cold model included; a breakdown
 (seconds inside the model, the database, the decode threads, PCA + Annoy) says where time went.
 
 Example: python -m bench.ingest --limit-per-class 5
@@ -33,7 +35,9 @@ from contextlib import contextmanager
 import click
 import numpy as np
 
+from bench.distributed import ray_options
 from bench.machine import CpuWatch, cpu_model, peak_rss_mib
+from bench.precision import PRECISIONS, over_baseline_forward, parse_precisions, precision_targets, report_precisions
 from ingest import load as load_module
 from ingest import sources, store
 from ingest.caltech101 import EXCLUDED_CALTECH_LABELS, prepare_caltech101
@@ -63,11 +67,9 @@ def machine() -> dict:
 
     tf = sys.modules["tensorflow"]
     return {
-        "cpu": cpu_model(),
-        "cores": os.cpu_count(),
+        "cpu": cpu_model(), "cores": os.cpu_count(),
         "usable_cores": len(os.sched_getaffinity(0)),
-        "python": platform.python_version(),
-        "tensorflow": tf.__version__,
+        "python": platform.python_version(), "tensorflow": tf.__version__,
         "keras": keras.__version__,
         "numpy": np.__version__,
         "pillow": PIL.__version__,
@@ -237,17 +239,20 @@ def bench_database(settings: Settings):
             stop_embedded(settings.pgdata)
 
 
-def run_bench(source, ris_home, collection, weights, limit_per_class, batch_size, workers, sample, naive_sample, progress) -> dict:
+def run_bench(source, ris_home, collection, weights, limit_per_class, batch_size, workers, sample, naive_sample, progress,
+              precisions=PRECISIONS) -> dict:
+    """Load, forward and naive at the first precision (the baseline); load (into `<collection>-<precision>`) and forward at the others."""
     from ingest.features import FeatureExtractor
 
     result: dict = {"source": str(source), "collection": collection, "weights": weights, "limit_per_class": limit_per_class}
+    names = {p: collection if n == 0 else f"{collection}-{p}" for n, p in enumerate(precisions)}
     with bench_home(ris_home) as home:
         settings = Settings.load(home=home)
         result["ris_home"] = None if ris_home is None else str(home)
         with bench_database(settings) as db:
-            if any(c.name == collection for c in Collection.all(db, settings)):
+            if any(c.name in names.values() for c in Collection.all(db, settings)):
                 raise click.ClickException(
-                    f"collection {collection!r} already exists in {home}; the bench loads into a fresh one: "
+                    f"collection {', '.join(names.values())} already exists in {home}; the bench loads into fresh ones: "
                     "pass another --ris-home or --collection"
                 )
             started = time.perf_counter()
@@ -260,26 +265,33 @@ def run_bench(source, ris_home, collection, weights, limit_per_class, batch_size
             result["prepare_source_seconds"] = time.perf_counter() - started
             result["classes"] = len({c.label for c in candidates})
 
-            started = time.perf_counter()
-            extractor = FeatureExtractor(weights)
-            result["model_build_seconds"] = time.perf_counter() - started
-            result["machine"] = machine()
-
-            result["load"] = measure_load(settings, db, collection, candidates, skipped, extractor, batch_size, workers, progress)
+            runs, extractors = {}, {}
+            for precision in precisions:
+                started = time.perf_counter()
+                extractors[precision] = FeatureExtractor(weights, precision)
+                runs[precision] = {"model_build_seconds": time.perf_counter() - started}
+                result.setdefault("machine", machine())
+                runs[precision]["load"] = measure_load(settings, db, names[precision], candidates, skipped, extractors[precision],
+                                                       batch_size, workers, progress)
 
         pixels, kept, decode_per_image = decode_sample(spread_sample(candidates, sample))
         result["decode_ms_per_image"] = decode_per_image * 1000
-        result["forward"] = measure_forward(extractor, pixels, batch_size)
-        result["naive"] = measure_naive(extractor.model, kept[:naive_sample])
+        for precision in precisions:
+            runs[precision]["forward"] = measure_forward(extractors[precision], pixels, batch_size)
+        result["naive"] = measure_naive(extractors[precisions[0]].model, kept[:naive_sample])
+    result |= {"baseline_precision": precisions[0], "precisions": runs, **runs[precisions[0]]}
+    result["over_baseline_forward"] = over_baseline_forward(runs, precisions[0])
     load_rate = result["load"]["images_per_second"]
     result["load_over_forward"] = load_rate / result["forward"]["images_per_second"]
     result["load_over_naive"] = load_rate / result["naive"]["images_per_second"]
     result["load_over_forward_per_cpu_second"] = per_cpu_second(result["load"]) / per_cpu_second(result["forward"])
-    result["busiest_neighbours_cores"] = max(result[k]["cpu"]["other_cores"] for k in ("load", "forward", "naive"))
+    result["busiest_neighbours_cores"] = max([result["naive"]["cpu"]["other_cores"]] + [
+        run[k]["cpu"]["other_cores"] for run in runs.values() for k in ("load", "forward")])
     result["targets"] = {
         "load_over_forward": {"target": FORWARD_TARGET, "pass": result["load_over_forward"] >= FORWARD_TARGET},
         "load_over_naive": {"target": NAIVE_TARGET, "pass": result["load_over_naive"] >= NAIVE_TARGET},
     }
+    result["targets"] |= precision_targets(result["over_baseline_forward"], precisions[0])
     return result
 
 
@@ -344,6 +356,7 @@ def report(r: dict) -> None:
         f"per CPU-second of this process: load {per_cpu_second(load):.2f}, forward {per_cpu_second(fwd):.2f} images "
         f"= {r['load_over_forward_per_cpu_second']:.1%}"
     )
+    report_precisions(r)
     if r["busiest_neighbours_cores"] > NOISY_NEIGHBOURS:
         click.echo(
             f"warning: other processes kept up to {r['busiest_neighbours_cores']:.2f} of {m['usable_cores']} cores busy "
@@ -363,14 +376,18 @@ def report(r: dict) -> None:
 @click.option("--workers", type=click.IntRange(1), default=2, show_default=True, help="Decode threads of the load.")
 @click.option("--sample", type=click.IntRange(1), default=256, show_default=True, help="Images for the bare forward pass.")
 @click.option("--naive-sample", type=click.IntRange(1), default=100, show_default=True, help="Images for the per-image predict loop.")
+@click.option("--precisions", default=",".join(PRECISIONS), show_default=True, metavar="P,P",
+              help="Precisions to load and forward at (fp32, bf16); the first is the baseline of every ratio.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for programs.")
-def main(source, ris_home, collection, weights, limit_per_class, batch_size, workers, sample, naive_sample, as_json):
+@ray_options
+def main(source, ris_home, collection, weights, limit_per_class, batch_size, workers, sample, naive_sample, precisions, as_json):
     """Images/s of `ingest load` against the bare batched forward pass and a per-image predict loop, with PASS/FAIL.
 
     Example: python -m bench.ingest --limit-per-class 5 --json
     """
     try:
-        result = run_bench(source, ris_home, collection, weights, limit_per_class, batch_size, workers, sample, naive_sample, not as_json)
+        result = run_bench(source, ris_home, collection, weights, limit_per_class, batch_size, workers, sample, naive_sample, not as_json,
+                           parse_precisions(precisions))
     except RisError as e:
         raise click.ClickException(str(e)) from None
     if as_json:

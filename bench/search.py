@@ -64,8 +64,8 @@ def main(collection, queries, seed, database_url, as_json):
     brute, brute_ms = time_each(lambda q: brute_force(ids, vectors64, q, K)[0].tolist(), qs)
     exact, pg_ms = time_each(lambda q: [h.id for h in coll.similar(q, K)], qs)
     _, annoy_full_ms = time_each(lambda q: [h.id for h in coll.similar(q, K, engine="annoy")], qs)
-    file_index = coll.engine("annoy").index
-    annoy_ids, annoy_ms = time_each(lambda q: file_index.get_nns_by_vector(q.tolist(), K), qs)
+    file_index = coll.engine("annoy")
+    annoy_ids, annoy_ms = time_each(lambda q: file_index.ids_near(q, K), qs)
 
     rows = [
         {"engine": "numpy brute force (baseline)", **rounded(brute_ms), "recall@10": 1.0},
@@ -78,7 +78,7 @@ def main(collection, queries, seed, database_url, as_json):
     sweep = annoy_sweep(ids, vectors, coll.dims, qs, exact)
     report = {"collection": coll.name, "images": len(ids), "dims": coll.dims, "queries": len(qs), "k": K,
               "machine": machine(), "engines": rows, "annoy_settings": sweep,
-              "annoy_file_trees": read_sidecar(coll.annoy_path).trees}
+              "annoy_file_trees": read_sidecar(coll.settings.annoy_dir, coll.name).trees}
     if as_json:
         print(json.dumps(report, indent=2))
     else:

@@ -19,6 +19,12 @@ _EXPORTS = {
     "connect": "ingest.db",
     "read_only": "ingest.db",
     "raw_cursor": "ingest.store",
+    # where pictures live: every file holding each image (duplicates)
+    "identical_files": "ingest.paths",
+    "paths_of": "ingest.paths",
+    # the largest picture ingest decodes, and how any picture becomes RGB (the web server's thumbnails)
+    "MAX_PIXELS": "ingest.images",
+    "to_rgb": "ingest.images",
     # vectors and fine-tuning runs, for reports
     "normalize": "ingest.reduce",
     "holdout_hashes": "ingest.splits",
@@ -28,6 +34,7 @@ _EXPORTS = {
     "database_option": "ingest.options",
     "json_option": "ingest.options",
     "timeout_option": "ingest.options",
+    "read_url_option": "ingest.options",
     "open_database": "ingest.options",
     "print_json": "ingest.options",
     "to_json": "ingest.options",

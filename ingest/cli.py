@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 import click
 
 from ingest.config import DEFAULT_BATCH_SIZE, DEFAULT_TREES
-from ingest.options import ErrorHandlingGroup, collection_option, database_option, json_option, open_database, print_json
+from ingest.options import ErrorHandlingGroup, collection_option, database_option, json_option, open_database, precision_option, print_json
+from ingest.precision import GPU_BATCH_SIZE
 
 if TYPE_CHECKING:
     from ingest.load import LoadSummary
@@ -38,9 +39,21 @@ def load_options(f):
             click.option("--pca-dims", type=click.IntRange(1, 2000), metavar="N",
                          help="Dims kept by PCA (default 128, or the collection's)."),
             click.option("--limit-per-class", type=click.IntRange(1), metavar="N", help="At most N images per label (quick runs)."),
-            click.option("--batch-size", type=click.IntRange(1, 1024), default=DEFAULT_BATCH_SIZE, show_default=True),
+            click.option("--batch-size", type=click.IntRange(1, 1024), metavar="N",
+                         help=f"Pictures per forward pass (default {DEFAULT_BATCH_SIZE}, {GPU_BATCH_SIZE} on a GPU)."),
+            click.option("--workers", type=click.IntRange(1, 256), metavar="N",
+                         help="Decode threads (default 2, one per core on a GPU)."),
+            precision_option,
             click.option("--trees", type=click.IntRange(1), default=DEFAULT_TREES, show_default=True, help="Annoy trees."),
             click.option("--strict", is_flag=True, help="Exit non-zero if any file could not be ingested."),
+            click.option("--prune", is_flag=True, help="Forget files gone from the folder; delete pictures no file holds any more."),
+            click.option("--ray", "ray_address", metavar="ADDRESS",
+                         help="Embed on a Ray cluster: auto, ray://HOST:10001, HOST:6379, or local (a Ray on this machine's "
+                              "cores). Needs the ray extra."),
+            click.option("--ray-actors", type=click.IntRange(1), metavar="N",
+                         help="Embedding actors with --ray, one model each (default: one per GPU, else one per two CPUs)."),
+            click.option("--include", multiple=True, metavar="GLOB", help="Only files matching (gitignore-like; repeatable)."),
+            click.option("--exclude", multiple=True, metavar="GLOB", help="Leave out files and folders matching (repeatable)."),
             database_option,
             json_option,
         ]
@@ -59,14 +72,17 @@ def load_caltech101(source, **options):
     """
     from ingest.caltech101 import EXCLUDED_CALTECH_LABELS, prepare_caltech101
     from ingest.errors import SourceError
+    from ingest.patterns import PathFilter
     from ingest.sources import walk_folder
 
     if source is not None and not source.exists():
         raise SourceError(f"no such file or folder: {source}")
+    path_filter = PathFilter.of(options.pop("include"), options.pop("exclude"))
     settings, db = open_database(options.pop("database_url"))
 
     def find_candidates():
-        return walk_folder(prepare_caltech101(source, settings.datasets_dir), exclude_labels=EXCLUDED_CALTECH_LABELS)
+        root = prepare_caltech101(source, settings.datasets_dir)
+        return root, *walk_folder(root, exclude_labels=EXCLUDED_CALTECH_LABELS, path_filter=path_filter)
 
     run_load(settings, db, options.pop("collection") or "caltech101", find_candidates, **options)
 
@@ -75,30 +91,48 @@ def load_caltech101(source, **options):
 @click.argument("path", type=click.Path(path_type=Path))
 @load_options
 def load_folder(path, **options):
-    """Load every picture under PATH; sub-folder names become labels.
+    """Load every picture under PATH; sub-folder names become labels. A rerun brings the collection in step:
+    new files are added, moved ones re-pointed, copies recorded, files gone counted (forgotten with --prune).
 
-    Example: ingest load folder ~/Pictures/shoes --weights random
+    Example: ingest load folder ~/Pictures/shoes --weights random --exclude 'raw/' --prune
     """
+    from ingest.patterns import PathFilter
     from ingest.sources import walk_folder
 
+    path_filter = PathFilter.of(options.pop("include"), options.pop("exclude"))
     settings, db = open_database(options.pop("database_url"))
-    found = walk_folder(path)
-    run_load(settings, db, options.pop("collection") or path.resolve().name, lambda: found, **options)
+    found = walk_folder(path, path_filter=path_filter)
+    run_load(settings, db, options.pop("collection") or path.resolve().name, lambda: (path, *found), **options)
 
 
-def run_load(settings, db, name, find_candidates, weights, pca_dims, limit_per_class, batch_size, trees, strict, as_json):
+def run_load(settings, db, name, find_candidates, weights, pca_dims, limit_per_class, batch_size, workers, precision, trees, strict,
+             prune, ray_address, ray_actors, as_json):
     """Shared tail of every load: build the model first, so weights that cannot be had fail before any
-    download or extraction; then find the pictures, load them, report."""
+    download or extraction; then find the pictures, load them and bring the collection in step with the
+    folder (ingest/sync.py), report. With --ray, Ray starts first: TensorFlow must not be loaded here before it."""
     from ingest.features import extractor_for
     from ingest.load import load_collection
+    from ingest.precision import plan_load
     from ingest.sources import limit_per_label
 
-    extractor = extractor_for(weights)
-    candidates, skipped = find_candidates()
+    cluster = None
+    if ray_address:
+        from ingest import distributed
+
+        distributed.start(ray_address)
+        cluster = distributed.Cluster(ray_address, ray_actors, batch_size)
+    elif ray_actors:
+        raise click.UsageError("--ray-actors needs --ray")
+    precision, feed = plan_load(db, name, precision, batch_size, workers)
+    if feed.device_line:
+        click.echo(feed.device_line, err=True)
+    extractor = extractor_for(weights, precision)
+    root, candidates, skipped = find_candidates()
     if limit_per_class:
         candidates = limit_per_label(candidates, limit_per_class)
-    summary = load_collection(db, settings, name, candidates, extractor, pca_dims=pca_dims, batch_size=batch_size, trees=trees,
-                              skipped=skipped, progress=not as_json)
+    summary = load_collection(db, settings, name, candidates, extractor, pca_dims=pca_dims, batch_size=feed.batch_size,
+                              workers=feed.workers, trees=trees, skipped=skipped, progress=not as_json, root=root, prune=prune,
+                              cluster=cluster)
     report_load(summary, as_json)
     if strict and summary.failed:
         raise click.ClickException(f"{summary.failed} file(s) could not be ingested (--strict); see table ingest_failures")
@@ -113,10 +147,14 @@ def report_load(summary: LoadSummary, as_json: bool) -> None:
         click.echo(f"failed: {shown}: {reason}", err=True)
     if len(summary.failures) > 10:
         click.echo(f"... and {len(summary.failures) - 10} more (SELECT * FROM ingest_failures)", err=True)
+    s = summary
+    synced = [(s.moved, f"{s.moved} moved"), (s.duplicates, f"{s.duplicates} duplicate paths")]
+    gone = [(s.missing, f"{s.missing} missing (gone from disk; --prune forgets them)"),
+            (s.pruned or s.removed, f"{s.pruned} pruned ({s.removed} images removed)")]
     click.echo(
-        f"{summary.collection}: {summary.ingested} ingested, {summary.present} already present, {summary.failed} failed"
-        f"{f', {summary.skipped} non-image files skipped' if summary.skipped else ''} "
-        f"in {summary.seconds:.1f} s ({summary.images_per_second:.1f} images/s)"
+        f"{s.collection}: {s.ingested} ingested, {s.present} already present{''.join(f', {t}' for n, t in synced if n)}, "
+        f"{s.failed} failed{f', {s.skipped} non-image files skipped' if s.skipped else ''}{''.join(f', {t}' for n, t in gone if n)} "
+        f"in {s.seconds:.1f} s ({s.images_per_second:.1f} images/s)"
     )
 
 
@@ -138,13 +176,35 @@ def status_command(database_url, as_json):
     click.echo(f"database: {info['database']}")
     for c in info["collections"]:
         annoy = c["annoy"]
-        fresh = "fresh" if annoy["fresh"] else "STALE (run `ingest index`)"
+        fresh = (f"fresh + {annoy['delta']} newer rows searched exactly" if annoy["delta"] else "fresh") if annoy["fresh"] \
+            else "STALE (run `ingest index`)"
         click.echo(
-            f"{c['name']}: {c['images']} images, {c['labels']} labels, {c['dims']} dims, weights {c['weights']}, "
-            f"{c['failures']} failures; annoy {annoy['items']} items, {fresh}"
+            f"{c['name']}: {c['images']} images, {c['paths']} paths ({c['duplicates']} duplicate, {c['missing']} missing), "
+            f"{c['labels']} labels, {c['dims']} dims, weights {c['weights']} at {c['precision']}, "
+            f"{c['failures']} failures; annoy {annoy['items']} items, {fresh}; hnsw {'yes' if c['hnsw'] else 'no'}"
         )
     if not info["collections"]:
         click.echo("no collections yet: run `ingest load`")
+
+
+@cli.command("remove")
+@click.option("--collection", "-c", required=True, metavar="NAME", help="The collection to delete.")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@database_option
+def remove_command(collection, yes, database_url):
+    """Delete a collection: its images, features, paths, failures and index files (the pictures stay on disk).
+
+    Example: ingest remove --collection old-shoes --yes
+    """
+    from ingest.collection import Collection
+    from ingest.remove import describe, remove_collection
+
+    settings, db = open_database(database_url)
+    coll = Collection.named(db, settings, collection)
+    if not yes:
+        click.confirm(f"remove {describe(coll)}?", abort=True)
+    remove_collection(coll)
+    click.echo(f"{coll.name}: removed")
 
 
 @cli.command("reduce")
@@ -161,26 +221,38 @@ def reduce_command(pca_dims, trees, collection, database_url):
 
     settings, db = open_database(database_url)
     coll = Collection.named(db, settings, collection).refit(pca_dims, trees=trees)
-    click.echo(f"{coll.name}: PCA refitted to {coll.dims} dims (version {coll.row.pca_version}); embeddings and Annoy index rewritten")
+    kept = " and HNSW index" if coll.row.hnsw else ""
+    click.echo(f"{coll.name}: PCA refitted to {coll.dims} dims (version {coll.row.pca_version}); embeddings, Annoy{kept} index rewritten")
 
 
 @cli.command("index")
 @click.option("--trees", type=click.IntRange(1), default=DEFAULT_TREES, show_default=True)
+@click.option("--annoy/--no-annoy", default=True, show_default=True, help="Rebuild the Annoy file.")
+@click.option("--hnsw", is_flag=True, help="Build a pgvector HNSW index for `search similar --engine hnsw`; loads keep it.")
+@click.option("--drop-hnsw", is_flag=True, help="Drop the HNSW index and stop keeping one.")
 @collection_option
 @database_option
-def index_command(trees, collection, database_url):
-    """Rebuild the collection's Annoy file from the images table.
+def index_command(trees, annoy, hnsw, drop_hnsw, collection, database_url):
+    """Rebuild the collection's Annoy file from the images table; build or drop its HNSW index.
 
-    Example: ingest index --collection caltech101 --trees 100
+    Example: ingest index --collection caltech101 --trees 100 --hnsw
     """
     from ingest.collection import Collection
 
+    if hnsw and drop_hnsw:
+        raise click.UsageError("--hnsw and --drop-hnsw contradict each other")
     settings, db = open_database(database_url)
     coll = Collection.named(db, settings, collection)
     if coll.pca is None:
         coll.finish(trees=trees)
-    sidecar = coll.build_index(trees)
-    click.echo(f"{coll.name}: Annoy index of {sidecar.items} items, {sidecar.trees} trees, {sidecar.dims} dims")
+    if annoy:
+        sidecar = coll.build_index(trees)
+        click.echo(f"{coll.name}: Annoy index of {sidecar.items} items, {sidecar.trees} trees, {sidecar.dims} dims")
+    if hnsw:
+        click.echo(f"{coll.name}: HNSW index {coll.build_hnsw(progress=True)} on {coll.dims} dims")
+    if drop_hnsw:
+        coll.drop_hnsw()
+        click.echo(f"{coll.name}: HNSW index dropped")
 
 
 @cli.group(cls=ErrorHandlingGroup)
@@ -239,9 +311,11 @@ def db_stop():
 @click.option("--into", metavar="NAME", help="New collection for the re-embedded pictures (default: NAME-ft).")
 @click.option("--batch-size", type=click.IntRange(1, 1024), default=16, show_default=True)
 @click.option("--learning-rate", type=click.FloatRange(0, min_open=True), default=1e-3, show_default=True)
+@precision_option
 @database_option
 @json_option
-def finetune_command(collection, epochs, unfreeze, augment, holdout, seed, into, batch_size, learning_rate, database_url, as_json):
+def finetune_command(collection, epochs, unfreeze, augment, holdout, seed, into, batch_size, learning_rate, precision, database_url,
+                     as_json):
     """Fine-tune the collection's ResNet50 on its labels, save the weights, re-embed into a new collection.
 
     Rerunning the same command resumes from the last completed epoch.
@@ -257,7 +331,7 @@ def finetune_command(collection, epochs, unfreeze, augment, holdout, seed, into,
     name = Collection.named(db, settings, collection).name
     unfreeze = None if unfreeze == "none" else unfreeze
     summary = finetune(db, settings, name, into=into, epochs=epochs, unfreeze=unfreeze, augment=augment, holdout=holdout, seed=seed,
-                       batch_size=batch_size, learning_rate=learning_rate, progress=not as_json)
+                       batch_size=batch_size, learning_rate=learning_rate, progress=not as_json, precision=precision)
     if as_json:
         print_json({k: v for k, v in asdict(summary).items() if k not in ("train_ids", "holdout_ids")})
         return

@@ -15,15 +15,15 @@ from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
-from ingest import locks, store
+from ingest import hnsw, locks, store
 from ingest.annoy_index import Sidecar, build_index, index_path, read_sidecar, staleness
 from ingest.config import DEFAULT_TREES, Settings
 from ingest.db import Database
-from ingest.engines import Hit, make_engine
+from ingest.engines import Hit, RawSearch, make_engine
 from ingest.errors import CollectionError, ImageError, RisError
 from ingest.filters import Filter
 from ingest.images import decode_image, read_file
-from ingest.reduce import Pca, fit_pca
+from ingest.reduce import PCA_SAMPLE, PCA_SEED, Pca, fit_pca
 
 if TYPE_CHECKING:
     from ingest.features import FeatureExtractor
@@ -35,12 +35,14 @@ DEFAULT_COLLECTION = "caltech101"
 
 @dataclass(frozen=True)
 class Query:
-    """The vector to search with; `image_id` is set when the query is an image of the collection."""
+    """The vector to search with; `image_id` is set when the query is an image of the collection. `raw` holds its
+    2048 raw features when they were computed (a new picture) or asked for (`space="raw"`), else None."""
 
     vector: np.ndarray
     image_id: int | None = None
     path: str | None = None
     label: str | None = None
+    raw: np.ndarray | None = None
 
 
 class Collection:
@@ -75,7 +77,7 @@ class Collection:
     @classmethod
     def create(cls, db: Database, settings: Settings, name: str, extractor: FeatureExtractor, *, pca_dims: int) -> "Collection":
         """Create the collection, or reuse it if it was built with the same weights (never mix two models' vectors)."""
-        row = store.create_row(db, name, extractor.weights, extractor.fingerprint, pca_dims)
+        row = store.create_row(db, name, extractor.weights, extractor.fingerprint, pca_dims, extractor.precision)
         coll = cls(db, settings, row)
         coll.use_extractor(extractor, remedy="loading them would mix two models' vectors: use another --collection")
         return coll
@@ -110,6 +112,11 @@ class Collection:
         return self.row.weights
 
     @property
+    def precision(self) -> str:
+        """'fp32' or 'bf16': how the CNN ran for every stored vector, and runs for queries by file."""
+        return self.row.precision
+
+    @property
     def dims(self) -> int:
         return self.row.pca_dims
 
@@ -121,26 +128,42 @@ class Collection:
     def annoy_path(self) -> Path:
         return index_path(self.settings.annoy_dir, self.name)
 
+    def sidecar(self) -> Sidecar | None:
+        """What the Annoy file in use was built from (None if there is none)."""
+        return read_sidecar(self.settings.annoy_dir, self.name)
+
     def index_problem(self) -> str | None:
-        """Why the Annoy file cannot be trusted for the table as it is, or None if it is fresh."""
-        return staleness(read_sidecar(self.annoy_path), self.annoy_path, store.embedding_state(self.db, self.id))
+        """Why the Annoy file cannot answer for the collection as its row says it is, or None if it can
+        (rows added since it was built are its delta, searched exactly)."""
+        return staleness(self.sidecar(), self.settings.annoy_dir, self.row)
+
+    def index_delta(self, limit: int) -> int:
+        """Rows the Annoy file does not hold (added since its build) plus rows removed since, counted up to
+        `limit` + 1: what a query must search exactly or skip."""
+        sidecar = self.sidecar()
+        if sidecar is None:
+            return limit + 1
+        removed = self.row.removed_rows - sidecar.removed_rows
+        return removed + store.delta_rows(self.db, self.id, sidecar.embedding_seq, limit)
 
     # --- the model ----------------------------------------------------------------------------------
 
     def use_extractor(self, extractor: FeatureExtractor, *, remedy: str) -> None:
-        """Embed with `extractor` from now on, if its weights are the ones this collection's vectors came from."""
+        """Embed with `extractor` from now on, if its weights and precision are the ones this collection's vectors came from."""
         from ingest.features import check_weights
+        from ingest.precision import check_precision
 
         check_weights(extractor.fingerprint, extractor.weights, collection=self.name, recorded_weights=self.row.weights,
                       recorded_fingerprint=self.row.weights_fingerprint, remedy=remedy)
+        check_precision(extractor.precision, collection=self.name, recorded=self.precision, remedy=remedy)
         self._extractor = extractor
 
     def extractor(self) -> FeatureExtractor:
-        """The collection's own model, built once per process and checked against the recorded fingerprint."""
+        """The collection's own model at its own precision, built once per process and checked against the recorded fingerprint."""
         if self._extractor is None:
             from ingest.features import extractor_for
 
-            self.use_extractor(extractor_for(self.weights), remedy="re-ingest or restore those weights")
+            self.use_extractor(extractor_for(self.weights, self.precision), remedy="re-ingest or restore those weights")
         return self._extractor
 
     def embed(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -157,18 +180,25 @@ class Collection:
 
         return add_pictures(self, candidates, **options)
 
-    def finish(self, *, trees: int = DEFAULT_TREES, refit_dims: int | None = None) -> "Collection":
-        """Fit PCA if there is none (or refit with `refit_dims`), project rows that lack an embedding, and rebuild
-        the Annoy file if it does not match the table. Safe to run again at any time; one process at a time."""
+    def finish(self, *, trees: int = DEFAULT_TREES, refit_dims: int | None = None, rebuild: bool = False,
+               progress: bool = False) -> "Collection":
+        """Fit PCA if there is none (or refit with `refit_dims`), project rows that lack an embedding, and bring
+        the indexes up to date: the Annoy file is rebuilt only if it cannot answer, its delta has outgrown
+        `settings.annoy_max_delta`, or `rebuild`; an HNSW index, once asked for, is rebuilt if a refit dropped it.
+        Safe to run again at any time; one process at a time."""
         with self.db.connect() as conn, locks.holding(conn, locks.COLLECTION, of=self.id):
             self.reload()
             if self.pca is None or refit_dims is not None:
                 self.fit(refit_dims or self.dims)
             if self.pca is not None:  # rows stored without embeddings, or whose PCA was replaced meanwhile
                 for ids, raw in store.vector_chunks(self.db, self.id, "raw without embedding"):
-                    store.write_embeddings(self.db, ids, self.pca.project(raw))
-                if self.index_problem():
+                    store.write_embeddings(self.db, self.id, ids, self.pca.project(raw))
+                self.reload()
+                limit = self.settings.annoy_max_delta
+                if rebuild or self.index_problem() or self.index_delta(limit) > limit:
                     self.build_index(trees)
+                if self.row.hnsw:
+                    hnsw.build(self.db, self.id, self.dims, progress=progress)
         return self
 
     def refit(self, dims: int, *, trees: int = DEFAULT_TREES) -> "Collection":
@@ -176,11 +206,18 @@ class Collection:
         return self.finish(trees=trees, refit_dims=dims)
 
     def fit(self, dims: int) -> None:
-        """Fit PCA on all stored raw features and rewrite every embedding (callers hold the collection lock)."""
-        ids, raw = store.read_vectors(self.db, self.id, "raw")
+        """Fit PCA on a seeded sample of at most PCA_SAMPLE rows' raw features (all of them in a smaller collection)
+        and rewrite every embedding a chunk at a time (callers hold the collection lock). The HNSW index is
+        dropped first (rewriting every row through it would be slower than building it again in `finish`)."""
+        ids = store.image_ids(self.db, self.id, "raw")
+        if len(ids) > PCA_SAMPLE:
+            ids = np.sort(np.random.default_rng(PCA_SEED).choice(ids, PCA_SAMPLE, replace=False))
         if len(ids):
+            _, raw = store.vectors_of(self.db, self.id, "raw", ids)
             pca = fit_pca(raw, dims)
-            store.save_pca(self.db, self.id, pca, ids, pca.project(raw))
+            del raw
+            hnsw.drop(self.db, self.id)
+            store.save_pca(self.db, self.id, pca)
         self.reload()
 
     def set_planned_dims(self, dims: int) -> None:
@@ -192,6 +229,18 @@ class Collection:
         """Rebuild the Annoy file from the table, whether or not it is stale."""
         return build_index(self.db, self.settings.annoy_dir, self.row, trees)
 
+    def build_hnsw(self, *, progress: bool = False) -> str:
+        """Build the collection's pgvector HNSW index (if it has none of its dims) and keep it from now on."""
+        if self.pca is None:
+            raise CollectionError(f"collection {self.name!r} has no embeddings yet; run `ingest load` first")
+        name = hnsw.build(self.db, self.id, self.dims, progress=progress)
+        self.reload()
+        return name
+
+    def drop_hnsw(self) -> None:
+        hnsw.forget(self.db, self.id)
+        self.reload()
+
     # --- reading ------------------------------------------------------------------------------------
 
     def vectors(self, kind: str = "embedding", *, chunk: int = store.CHUNK_ROWS) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -201,6 +250,14 @@ class Collection:
     def read_vectors(self, kind: str = "embedding") -> tuple[np.ndarray, np.ndarray]:
         """All of `vectors` at once: (ids, matrix); for whole-collection work such as a report."""
         return store.read_vectors(self.db, self.id, kind)
+
+    def image_ids(self, kind: str = "embedding") -> np.ndarray:
+        """Every id with a vector of `kind`, in order (8 bytes a row: a sample is drawn from these, not from vectors)."""
+        return store.image_ids(self.db, self.id, kind)
+
+    def vectors_of(self, kind: str, ids) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, matrix) of some rows, in id order, read a chunk at a time; ids without such a vector are left out."""
+        return store.vectors_of(self.db, self.id, kind, np.asarray(ids, dtype=np.int64))
 
     def details(self, ids: list[int]) -> dict[int, tuple[str, str | None, str]]:
         """id -> (path, label, sha256) of some of the collection's images (ids of other collections are left out)."""
@@ -213,15 +270,17 @@ class Collection:
             raise CollectionError(f"collection {self.name!r} has no searchable images yet; run `ingest load` (or `ingest index`)")
         self.engine(engine)
 
-    def query(self, *, image: Path | None = None, image_id: int | None = None) -> Query:
-        """The search vector of a stored image (by id, or a file with the same content: no CNN) or of a new picture."""
+    def query(self, *, image: Path | None = None, image_id: int | None = None, space: str = "pca") -> Query:
+        """The search vector of a stored image (by id, or a file with the same content: no CNN) or of a new picture
+        (embedded once: both its raw features and its embedding). With space 'raw', a stored image's raw
+        features are read from the features table too."""
         if (image is None) == (image_id is None):
             raise RisError("give either an image file or --id")
         if image_id is not None:
             found = store.stored_image(self.db, self.id, image_id=image_id)
             if found is None:
                 raise CollectionError(f"no image with id {image_id} in collection {self.name!r}")
-            return Query(found[3], found[0], found[1], found[2])
+            return self.stored_query(found, space)
         path = Path(image)
         if not path.exists():
             raise RisError(f"no such file: {path}")
@@ -229,29 +288,56 @@ class Collection:
             data = read_file(path)
             found = store.stored_image(self.db, self.id, sha256=hashlib.sha256(data).hexdigest())
             if found is not None:
-                return Query(found[3], found[0], found[1], found[2])
+                return self.stored_query(found, space)
             pixels = decode_image(data).pixels
         except ImageError as e:
             raise RisError(f"cannot use {path} as a query: {e}") from None
-        return Query(self.embed(pixels[np.newaxis])[1][0], path=str(path.absolute()))
+        raw, embedding = self.embed(pixels[np.newaxis])
+        return Query(embedding[0], path=str(path.absolute()), raw=raw[0])
 
-    def engine(self, name: str = "pgvector", *, search_k: int = -1):
-        """A search engine over this collection: 'pgvector' (exact) or 'annoy' (fast; refused if its file is stale).
+    def stored_query(self, found: tuple, space: str) -> Query:
+        """The Query of a stored image (id, path, label, embedding), with its raw features if space is 'raw'."""
+        raw = None
+        if space == "raw":
+            ids, vectors = self.vectors_of("raw", [found[0]])
+            if not len(ids):
+                raise CollectionError(f"image {found[0]} of {self.name!r} has no raw features stored; search it with --space pca")
+            raw = vectors[0]
+        return Query(found[3], found[0], found[1], found[2], raw)
 
-        Opened once per Collection object (the Annoy file's freshness is checked then), so repeated queries pay
-        only for the search."""
-        key = (name, search_k)
+    def engine(self, name: str = "pgvector", *, search_k: int = -1, ef_search: int | None = None):
+        """A search engine over this collection: 'pgvector' (exact), 'annoy' (fast file plus exact delta) or
+        'hnsw' (pgvector's index). Opened once per Collection object, so repeated queries pay only for the search."""
+        key = (name, search_k, ef_search)
         if key not in self._engines:
             self._engines[key] = make_engine(name, self.db, self.row, self.settings.annoy_dir, search_k=search_k,
-                                             timeout=self.settings.statement_timeout)
+                                             ef_search=ef_search, timeout=self.settings.statement_timeout)
         return self._engines[key]
 
     def similar(self, query: Query | np.ndarray, k: int = 10, *, engine: str = "pgvector", label: str | None = None,
-                where: str | None = None, exclude: int | None = None, search_k: int = -1) -> list[Hit]:
-        """The k images nearest to a query (or a vector in the collection's PCA space), filtered by label and a
-        --where condition that cannot reach beyond this collection, leaving out image `exclude`."""
+                where: str | None = None, exclude: int | None = None, search_k: int = -1, ef_search: int | None = None,
+                space: str = "pca") -> list[Hit]:
+        """The k images nearest to a query (or a vector of that space), filtered by label and a --where condition
+        that cannot reach beyond this collection, leaving out image `exclude`. Space 'pca' searches the stored
+        embeddings with `engine`; 'raw' searches the 2048-d features exactly (RawSearch; no approximate engine)."""
         if k < 1:
             raise RisError(f"k must be at least 1, got {k}")
+        flt = Filter.of(label, where, exclude)
+        if space == "raw":
+            raw = query.raw if isinstance(query, Query) else query
+            if raw is None:
+                raise RisError("this query has no raw features; make it with Collection.query(..., space='raw')")
+            return self.raw_engine(engine).search(raw, k, flt)
+        if space != "pca":
+            raise RisError(f"unknown space {space!r}; choose pca or raw")
         vector = query.vector if isinstance(query, Query) else query
-        return self.engine(engine, search_k=search_k).search(vector, k, Filter.of(label, where, exclude))
+        return self.engine(engine, search_k=search_k, ef_search=ef_search).search(vector, k, flt)
+
+    def raw_engine(self, engine: str = "pgvector") -> RawSearch:
+        """Exact search over the raw features; refuses an approximate engine, whose index holds PCA embeddings only."""
+        if engine != "pgvector":
+            raise RisError(f"--space raw is exact KNN over the 2048-d features; --engine {engine} searches the PCA space only")
+        if ("raw",) not in self._engines:
+            self._engines[("raw",)] = RawSearch(self.db, self.row, timeout=self.settings.statement_timeout)
+        return self._engines[("raw",)]
 

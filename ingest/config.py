@@ -13,6 +13,7 @@ import platformdirs
 APP_NAME = "reverse-image-search"
 DEFAULT_BATCH_SIZE = 32  # pictures per forward pass and per committed transaction
 DEFAULT_TREES = 100  # Annoy trees: recall@10 0.97 on Caltech 101 at PCA 128 (bench/search.py); 50 gave 0.95-
+DEFAULT_ANNOY_MAX_DELTA = 5_000  # rows an Annoy file may lag behind before a load rebuilds it; RIS_ANNOY_MAX_DELTA overrides
 DEFAULT_STATEMENT_TIMEOUT = "30s"  # what a user's SQL (search sql, --where) may cost; RIS_STATEMENT_TIMEOUT overrides
 
 
@@ -23,15 +24,25 @@ class Settings:
     home: Path
     database_url: str | None = None
     statement_timeout: str = DEFAULT_STATEMENT_TIMEOUT  # a PostgreSQL interval; '0' means no limit
+    annoy_max_delta: int = DEFAULT_ANNOY_MAX_DELTA
+    database_read_url: str | None = None  # a read-only replica that answers queries (search, serve); writes go to database_url
 
     @classmethod
-    def load(cls, database_url: str | None = None, home: str | Path | None = None, statement_timeout: str | None = None) -> "Settings":
-        """Build settings from flags, then `RIS_HOME` / `DATABASE_URL` / `RIS_STATEMENT_TIMEOUT`, then defaults
-        (the platform's user data directory, the embedded server, 30 s)."""
+    def load(cls, database_url: str | None = None, home: str | Path | None = None, statement_timeout: str | None = None,
+             read_url: str | None = None) -> "Settings":
+        """Build settings from flags, then `RIS_HOME` / `DATABASE_URL` / `RIS_STATEMENT_TIMEOUT` / `DATABASE_READ_URL`,
+        then defaults (the platform's user data directory, the embedded server, 30 s, no replica)."""
         home = Path(home or os.environ.get("RIS_HOME") or platformdirs.user_data_path(APP_NAME)).expanduser()
         url = database_url or os.environ.get("DATABASE_URL") or None
         timeout = statement_timeout or os.environ.get("RIS_STATEMENT_TIMEOUT") or DEFAULT_STATEMENT_TIMEOUT
-        return cls(home=home.resolve(), database_url=url, statement_timeout=timeout)
+        max_delta = os.environ.get("RIS_ANNOY_MAX_DELTA") or str(DEFAULT_ANNOY_MAX_DELTA)
+        if not max_delta.isdigit():
+            from ingest.errors import RisError
+
+            raise RisError(f"RIS_ANNOY_MAX_DELTA must be a whole number of rows, got {max_delta!r}")
+        read_url = read_url or os.environ.get("DATABASE_READ_URL") or None
+        return cls(home=home.resolve(), database_url=url, statement_timeout=timeout, annoy_max_delta=int(max_delta),
+                   database_read_url=read_url)
 
     @property
     def pgdata(self) -> Path:

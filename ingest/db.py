@@ -22,13 +22,13 @@ from ingest.errors import DatabaseError, first_line
 
 # The newest migration in migrations/versions; tests check it matches Alembic's head.
 # Knowing it here lets a command skip importing Alembic when the schema is already current.
-HEAD_REVISION = "0004"
+HEAD_REVISION = "0005"
 READER_ROLE = "ris_reader"  # created by migration 0001: SELECT on our tables and nothing else
 
 
 @dataclass
 class Database:
-    """A SQLAlchemy connection pool plus where it points: `kind` is "embedded" or "external"."""
+    """A SQLAlchemy connection pool plus where it points: `kind` is "embedded", "external" or "replica" (read-only)."""
 
     sqlalchemy: Engine
     kind: str
@@ -104,14 +104,33 @@ def stop_embedded(pgdata: Path) -> bool:
 def connect(settings: Settings, migrate: bool = True) -> Database:
     """Open the configured database, check it answers, and bring its schema to the newest migration."""
     if settings.database_url:
-        db = Database(sa.create_engine(sqlalchemy_url(settings.database_url), pool_pre_ping=True), "external")
+        db = open_engine(Database(sa.create_engine(sqlalchemy_url(settings.database_url), pool_pre_ping=True), "external"))
     else:
-        db = Database(sa.create_engine(embedded_url(settings.pgdata)), "embedded")
-    sa.event.listen(db.sqlalchemy, "connect", register_vector_type)
-    check_reachable(db.sqlalchemy)
+        db = open_engine(Database(sa.create_engine(embedded_url(settings.pgdata)), "embedded"))
     if migrate and current_revision(db.sqlalchemy) != HEAD_REVISION:
         upgrade(db.sqlalchemy)
         db.dispose()  # connections opened before the extension existed do not know the vector type
+    return db
+
+
+def connect_for_queries(settings: Settings) -> Database:
+    """The database that answers queries (search, serve): the read replica `settings.database_read_url` if one is
+    set, else the primary (`connect`). A replica follows the primary and is read-only, so it is never migrated:
+    one at another schema revision is refused with what to do. Writes never come here."""
+    if not settings.database_read_url:
+        return connect(settings)
+    db = open_engine(Database(sa.create_engine(sqlalchemy_url(settings.database_read_url), pool_pre_ping=True), "replica"))
+    revision = current_revision(db.sqlalchemy)
+    if revision != HEAD_REVISION:
+        raise DatabaseError(f"the read replica at {describe(db.sqlalchemy)} is at schema revision {revision or 'none'}, not "
+                            f"{HEAD_REVISION}: run `ingest db upgrade` on the primary and let the replica catch up")
+    return db
+
+
+def open_engine(db: Database) -> Database:
+    """Teach the pool's connections the vector type and check the server answers (one line if it does not)."""
+    sa.event.listen(db.sqlalchemy, "connect", register_vector_type)
+    check_reachable(db.sqlalchemy)
     return db
 
 

@@ -1,9 +1,11 @@
-"""Two search engines, one shape: `search(vector, k, filter) -> list[Hit]`.
+"""Search engines, one shape: `search(vector, k, filter) -> list[Hit]`.
 
 ExactSearch ("pgvector") is exact: a plain `ORDER BY embedding <-> q LIMIT k`, with index scans switched
 off so an approximate index can never change the answer. AnnoySearch ("annoy") is fast and approximate:
-the collection's Annoy file, opened by mmap once per process and refused if it does not match the table.
-Both see only the collection's rows, whatever the filter says (ingest.filters).
+the collection's Annoy file (opened by mmap once per process) for the rows it was built from, merged with
+an exact search of the rows written since (its delta). HnswSearch ("hnsw") is pgvector's HNSW index on the
+collection, approximate and always up to date. All see only the collection's rows, whatever the filter says
+(ingest.filters), and whether an index can answer is decided from the collection row, never by scanning images.
 """
 from __future__ import annotations
 
@@ -12,13 +14,14 @@ from pathlib import Path
 
 import numpy as np
 
-from ingest.annoy_index import METRIC, index_path, read_sidecar, staleness
+from ingest.annoy_index import METRIC, read_sidecar, sidecar_path, staleness
 from ingest.db import Database, read_only
 from ingest.errors import IndexFileError, RisError
 from ingest.filters import Filter
-from ingest.store import CollectionRow, embedding_state, raw_cursor
+from ingest.store import CollectionRow, raw_cursor
 
-ENGINES = ("pgvector", "annoy")  # exact SQL, fast approximate file
+ENGINES = ("pgvector", "annoy", "hnsw")  # exact SQL, fast approximate file, approximate index in PostgreSQL
+DEFAULT_EF_SEARCH = 100  # HNSW candidate list per query: recall@10 >= 0.95 at 1M rows (bench/scale.py)
 
 
 @dataclass(frozen=True)
@@ -38,13 +41,19 @@ class Hit:
 def run_filtered(db: Database, sql: str, params: dict, flt: Filter, *, timeout: str | None, exact: bool = False) -> list[tuple]:
     """Run one filtered query; a user's --where runs read-only, as the reader role, under the timeout."""
     with db.begin() as conn:
-        if flt.where is not None:
-            read_only(conn, timeout=timeout)
-        cur = raw_cursor(conn)
-        if exact:  # an HNSW or IVFFlat index on images would answer approximately
-            cur.execute("SELECT set_config('enable_indexscan', 'off', true), set_config('enable_bitmapscan', 'off', true)")
+        cur = filtered_cursor(conn, flt, timeout=timeout, exact=exact)
         cur.execute(sql, params)
         return cur.fetchall()
+
+
+def filtered_cursor(conn, flt: Filter, *, timeout: str | None, exact: bool = False):
+    """A cursor in `conn`'s transaction, read-only as the reader role if the filter has a user's --where."""
+    if flt.where is not None:
+        read_only(conn, timeout=timeout)
+    cur = raw_cursor(conn)
+    if exact:  # an HNSW or IVFFlat index on images would answer approximately
+        cur.execute("SELECT set_config('enable_indexscan', 'off', true), set_config('enable_bitmapscan', 'off', true)")
+    return cur
 
 
 class ExactSearch:
@@ -62,69 +71,179 @@ class ExactSearch:
         return [Hit(rank, r[0], r[1], r[2], float(r[3])) for rank, r in enumerate(rows, 1)]
 
 
-class AnnoySearch:
-    """Approximate k nearest neighbours from the collection's Annoy file."""
+class RawSearch:
+    """Exact k nearest neighbours over the stored 2048-d features, normalised as at ingest (`--space raw`):
+    the reference project's first method, no PCA. The filter picks the collection's rows first; only then
+    are their features joined, so a --where still sees images' columns only. Every row is scanned (8 KB each)."""
 
-    _open: dict[tuple, object] = {}  # one mmap per file version and process
+    def __init__(self, db: Database, coll: CollectionRow, *, timeout: str | None = None):
+        self.db = db
+        self.coll = coll
+        self.timeout = timeout
+
+    def search(self, vector: np.ndarray, k: int, flt: Filter = Filter()) -> list[Hit]:
+        """`vector` is a raw feature vector (normalised here, as `ingest.reduce.normalize` does at ingest)."""
+        q = np.asarray(vector, dtype=np.float32).ravel()
+        q = q / max(float(np.linalg.norm(q)), 1e-12)
+        rows_sql = flt.scoped("id, path, label", "true")
+        sql = (f"SELECT r.id, r.path, r.label, l2_normalize(f.raw) <-> %(q)s AS distance FROM ({rows_sql}) AS r"
+               " JOIN features f ON f.image_id = r.id ORDER BY distance, r.id LIMIT %(k)s")
+        rows = run_filtered(self.db, sql, flt.params(self.coll.id) | {"q": q, "k": k}, flt, timeout=self.timeout, exact=True)
+        return [Hit(rank, r[0], r[1], r[2], float(r[3])) for rank, r in enumerate(rows, 1)]
+
+
+class AnnoySearch:
+    """Approximate k nearest neighbours: the Annoy file for the rows it holds, exact SQL for the rows written
+    since it was built (the delta), merged by distance. Rows removed since are dropped by the row lookup, and
+    the file is asked for as many more items as were removed, so k rows still come back."""
+
+    _open: dict[tuple, tuple] = {}  # one mmap per built file and process
 
     def __init__(self, db: Database, coll: CollectionRow, annoy_dir: Path, *, search_k: int = -1, timeout: str | None = None):
         self.db = db
         self.coll = coll
         self.search_k = search_k
         self.timeout = timeout
-        self.path = index_path(annoy_dir, coll.name)
-        self.index = self.open_checked()
+        self.annoy_dir = annoy_dir
+        self.opened_at = self.sidecar_stamp()
+        self.sidecar, self.index, self.ids = self.open_checked()
+
+    def sidecar_stamp(self) -> tuple | None:
+        try:
+            stat = sidecar_path(self.annoy_dir, self.coll.name).stat()
+        except OSError:
+            return None
+        return stat.st_ino, stat.st_mtime_ns
+
+    @property
+    def hint(self) -> str:
+        return f"; run `ingest index --collection {self.coll.name}`"
 
     def open_checked(self):
         """Open the file, refusing anything that could return wrong rows: missing, stale, damaged, other dims."""
         from annoy import AnnoyIndex
 
-        hint = f"; run `ingest index --collection {self.coll.name}`"
-        sidecar = read_sidecar(self.path)
-        problem = staleness(sidecar, self.path, embedding_state(self.db, self.coll.id))
+        sidecar = read_sidecar(self.annoy_dir, self.coll.name)
+        problem = staleness(sidecar, self.annoy_dir, self.coll)
         if problem:
-            raise IndexFileError(problem + hint)
-        stat = self.path.stat()
-        key = (self.path, stat.st_ino, stat.st_size, stat.st_mtime_ns)  # a rebuilt or damaged file is a new key
-        if key in self._open:
-            return self._open[key]
-        index = AnnoyIndex(self.coll.pca_dims, METRIC)
-        try:
-            index.load(str(self.path))
-        except OSError as e:
-            raise IndexFileError(f"cannot open the Annoy index {self.path}: {e}{hint}") from None
-        if index.get_n_items() != sidecar.max_id + 1 or index.f != self.coll.pca_dims:
-            raise IndexFileError(f"the Annoy index {self.path} is damaged or of other dimensions{hint}")
-        self._open[key] = index
-        return index
+            raise IndexFileError(problem + self.hint)
+        path = self.annoy_dir / sidecar.file
+        stat = path.stat()
+        key = (path, stat.st_ino, stat.st_size, stat.st_mtime_ns)  # a rebuilt or damaged file is a new key
+        if key not in self._open:
+            index = AnnoyIndex(sidecar.dims, METRIC)
+            try:
+                index.load(str(path))
+                ids = np.load(self.annoy_dir / sidecar.ids_file, mmap_mode="r")
+            except (OSError, ValueError) as e:
+                raise IndexFileError(f"cannot open the Annoy index {path}: {e}{self.hint}") from None
+            if index.get_n_items() != sidecar.items or len(ids) != sidecar.items or index.f != self.coll.pca_dims:
+                raise IndexFileError(f"the Annoy index {path} is damaged or of other dimensions{self.hint}")
+            self._open[key] = (index, ids)
+        return (sidecar, *self._open[key])
 
     def search(self, vector: np.ndarray, k: int, flt: Filter = Filter()) -> list[Hit]:
-        """Over-fetch when filtering, then keep the first k that pass; fewer than k may remain."""
-        wanted = k + (1 if flt.exclude is not None else 0)
-        fetch = max(wanted * 10, 100) if flt.narrows else wanted
-        ids, distances = self.index.get_nns_by_vector(
-            np.asarray(vector, dtype=np.float32).tolist(), fetch, search_k=self.search_k, include_distances=True
-        )
-        rows = self.rows(ids, flt)
-        hits = []
-        for item, distance in zip(ids, distances):
-            if item in rows:
-                hits.append(Hit(len(hits) + 1, item, *rows[item], float(distance)))
-                if len(hits) == k:
-                    break
-        return hits
+        """Over-fetch when filtering or after removals, keep what passes, add the delta's nearest; fewer than k
+        may remain only when a filter leaves fewer."""
+        q = np.asarray(vector, dtype=np.float32)
+        if self.sidecar_stamp() != self.opened_at:  # rebuilt since (a load passed the delta threshold): switch over
+            self.opened_at = self.sidecar_stamp()
+            self.sidecar, self.index, self.ids = self.open_checked()
+        with self.db.begin() as conn:
+            cur = filtered_cursor(conn, flt, timeout=self.timeout)
+            removed = self.check_row(cur)
+            wanted = k + (1 if flt.exclude is not None else 0) + removed
+            fetch = min(max(wanted * 10, 100) if flt.narrows else wanted, self.sidecar.items)
+            items, distances = self.index.get_nns_by_vector(q.tolist(), fetch, search_k=self.search_k, include_distances=True)
+            found = dict(zip(self.ids[items].tolist(), distances))
+            cur.execute(self.lookup_sql(flt), flt.params(self.coll.id) | {"ids": list(found), "q": q, "k": k, "seq": self.sidecar.embedding_seq})
+            rows = cur.fetchall()
+        merged = sorted((found.get(r[0], r[3]), r[0], r[1], r[2]) for r in rows)
+        return [Hit(rank, i, path, label, float(d)) for rank, (d, i, path, label) in enumerate(merged[:k], 1)]
 
-    def rows(self, ids: list[int], flt: Filter) -> dict[int, tuple[str, str | None]]:
-        """path and label of the ids Annoy returned that are rows of this collection and pass the filter."""
-        sql = flt.scoped("id, path, label", "id = ANY(%(ids)s)")
-        found = run_filtered(self.db, sql, flt.params(self.coll.id) | {"ids": list(ids)}, flt, timeout=self.timeout)
-        return {r[0]: (r[1], r[2]) for r in found}
+    def ids_near(self, vector: np.ndarray, n: int) -> list[int]:
+        """Image ids of the file's n nearest items to a vector: the bare index lookup, without rows or delta."""
+        return self.ids[self.index.get_nns_by_vector(np.asarray(vector, dtype=np.float32).tolist(), n, search_k=self.search_k)].tolist()
+
+    def ids_near_image(self, image_id: int, n: int) -> list[int]:
+        """Image ids of the file's n nearest items to a stored image (itself first), or [] if it is not in the file."""
+        item = int(np.searchsorted(self.ids, image_id))
+        if item >= len(self.ids) or self.ids[item] != image_id:
+            return []
+        return self.ids[self.index.get_nns_by_item(item, n, search_k=self.search_k)].tolist()
+
+    def check_row(self, cur) -> int:
+        """Read the collection row (one primary-key lookup): refuse if its PCA changed since the build; return
+        how many rows were removed since, so the file is asked for that many more items."""
+        cur.execute("SELECT pca_dims, pca_version, removed_rows FROM collections WHERE id = %s", (self.coll.id,))
+        row = cur.fetchone()
+        if row is None:
+            raise RisError(f"collection {self.coll.name!r} was removed")
+        pca_dims, pca_version, removed_rows = row
+        if (pca_dims, pca_version) != (self.sidecar.dims, self.sidecar.pca_version):
+            raise IndexFileError(f"the Annoy index of {self.coll.name!r} is stale (the PCA changed since it was built){self.hint}")
+        return max(0, removed_rows - self.sidecar.removed_rows)
+
+    @staticmethod
+    def lookup_sql(flt: Filter) -> str:
+        """The file's candidates that are still rows and pass the filter, plus the delta's k nearest that pass it."""
+        indexed = flt.scoped("id, path, label, NULL::float8 AS distance", "id = ANY(%(ids)s)")
+        delta = flt.scoped("id, path, label, embedding <-> %(q)s AS distance", "embedding_seq > %(seq)s AND embedding IS NOT NULL")
+        return f"{indexed} UNION ALL ({delta} ORDER BY distance, id LIMIT %(k)s)"
 
 
-def make_engine(name: str, db: Database, coll: CollectionRow, annoy_dir: Path, *, search_k: int = -1, timeout: str | None = None):
+class HnswSearch:
+    """Approximate k nearest neighbours from the collection's pgvector HNSW index, always up to date.
+
+    Sorting is switched off for the query, so the planner answers from the index (an ordered scan) even when
+    its statistics make a small collection look cheaper to sort. Filtered queries use pgvector's iterative index scans (relaxed order, re-sorted here), so a label that
+    holds 1% of the rows still gives k results."""
+
+    def __init__(self, db: Database, coll: CollectionRow, *, ef_search: int | None = None, timeout: str | None = None):
+        from ingest.hnsw import has_index
+
+        self.db = db
+        self.coll = coll
+        self.ef_search = ef_search or DEFAULT_EF_SEARCH
+        self.timeout = timeout
+        if not 1 <= self.ef_search <= 1000:
+            raise RisError(f"--ef-search must be between 1 and 1000, got {self.ef_search}")
+        if coll.pca is None or not has_index(db, coll.id, coll.pca_dims):
+            raise IndexFileError(f"collection {coll.name!r} has no HNSW index; run `ingest index --hnsw --collection {coll.name}`")
+
+    def sql(self, flt: Filter) -> str:
+        """Ordered by the indexed expression, within the index's collection: the only shape the planner matches."""
+        distance = f"embedding::vector({int(self.coll.pca_dims)}) <-> %(q)s"
+        return flt.scoped(f"id, path, label, {distance} AS distance", "embedding IS NOT NULL") + f" ORDER BY {distance} LIMIT %(k)s"
+
+    def run(self, vector: np.ndarray, k: int, flt: Filter, *, explain: bool = False) -> list[tuple]:
+        with self.db.begin() as conn:
+            cur = filtered_cursor(conn, flt, timeout=self.timeout)
+            cur.execute(
+                "SELECT set_config('plan_cache_mode', 'force_custom_plan', true), set_config('enable_sort', 'off', true),"
+                " set_config('hnsw.ef_search', %s, true), set_config('hnsw.iterative_scan', %s, true)",
+                (str(min(1000, max(self.ef_search, k))), "relaxed_order" if flt.narrows or flt.exclude is not None else "off"),
+            )
+            cur.execute(("EXPLAIN " if explain else "") + self.sql(flt),
+                        flt.params(self.coll.id) | {"q": np.asarray(vector, dtype=np.float32), "k": k})
+            return cur.fetchall()
+
+    def search(self, vector: np.ndarray, k: int, flt: Filter = Filter()) -> list[Hit]:
+        rows = sorted(self.run(vector, k, flt), key=lambda r: (r[3], r[0]))  # relaxed order: nearly sorted
+        return [Hit(rank, r[0], r[1], r[2], float(r[3])) for rank, r in enumerate(rows, 1)]
+
+    def explain(self, vector: np.ndarray, k: int, flt: Filter = Filter()) -> str:
+        """The plan of exactly the query `search` runs (tests prove the index is used)."""
+        return "\n".join(r[0] for r in self.run(vector, k, flt, explain=True))
+
+
+def make_engine(name: str, db: Database, coll: CollectionRow, annoy_dir: Path, *, search_k: int = -1, ef_search: int | None = None,
+                timeout: str | None = None):
     """The search engine called `name` (one of ENGINES) over one collection."""
     if name == "pgvector":
         return ExactSearch(db, coll, timeout=timeout)
     if name == "annoy":
         return AnnoySearch(db, coll, annoy_dir, search_k=search_k, timeout=timeout)
+    if name == "hnsw":
+        return HnswSearch(db, coll, ef_search=ef_search, timeout=timeout)
     raise RisError(f"unknown engine {name!r}; choose one of {', '.join(ENGINES)}")

@@ -34,7 +34,9 @@ def parse_weights(value: str) -> str:
 
 
 def quiet_tensorflow():
-    """Import TensorFlow without its start-up chatter: its C++ side writes to fd 2 before any log level applies."""
+    """Import TensorFlow without its start-up chatter: its C++ side writes to fd 2 before any log level applies.
+    Devices are listed here too, because the full `tensorflow` wheel tries CUDA then and logs an error on any
+    machine with the CUDA libraries but no GPU driver."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if "tensorflow" in sys.modules:
         return sys.modules["tensorflow"]
@@ -44,6 +46,8 @@ def quiet_tensorflow():
         with open(os.devnull, "w") as devnull:
             os.dup2(devnull.fileno(), 2)
             import tensorflow as tf
+
+            tf.config.list_physical_devices()
     finally:
         os.dup2(saved, 2)
         os.close(saved)
@@ -67,6 +71,22 @@ def build_resnet50(weights: str):
         raise WeightsError(f"cannot {what} ({reason}); {WEIGHTS_HELP}") from None
 
 
+def at_precision(model, precision: str):
+    """The model itself for fp32; for bf16 a twin whose layers compute in bfloat16 (Keras `mixed_bfloat16`:
+    weights stay float32, so the fingerprint is the same) holding the same weights. A per-model policy, not
+    the global one, so fp32 and bf16 models live side by side in one process."""
+    if precision == "fp32":
+        return model
+    import keras
+
+    def bf16_layer(layer):
+        return layer.__class__.from_config({**layer.get_config(), "dtype": keras.DTypePolicy("mixed_bfloat16")})
+
+    twin = keras.models.clone_model(model, clone_function=bf16_layer)
+    twin.set_weights(model.get_weights())
+    return twin
+
+
 def preprocess(pixels):
     """uint8 or float RGB pixels (0..255) -> what ResNet50 was trained on; the one copy ingest, queries and fine-tuning use."""
     import tensorflow as tf
@@ -84,19 +104,23 @@ def fingerprint(model) -> str:
 
 
 class FeatureExtractor:
-    """A loaded ResNet50 and its compiled forward pass. Build once per process; it costs seconds."""
+    """A loaded ResNet50 and its compiled forward pass at one precision ('fp32' or 'bf16'; see ingest/precision.py).
+    Features are float32 either way. Build once per process; it costs seconds."""
 
-    def __init__(self, weights: str = "imagenet"):
+    def __init__(self, weights: str = "imagenet", precision: str = "fp32"):
         tf = quiet_tensorflow()
 
+        if precision not in ("fp32", "bf16"):
+            raise WeightsError(f"an extractor runs at fp32 or bf16, not {precision!r}")
         self.weights = parse_weights(weights)
-        self.model = build_resnet50(self.weights)
+        self.precision = precision
+        self.model = at_precision(build_resnet50(self.weights), precision)
         self.fingerprint = fingerprint(self.model)
         model = self.model
 
         @tf.function(input_signature=[tf.TensorSpec([None, *INPUT_SHAPE], tf.uint8)], reduce_retracing=True)
         def forward(pixels):
-            return model(preprocess(pixels), training=False)
+            return tf.cast(model(preprocess(pixels), training=False), tf.float32)
 
         self._forward = forward
 
@@ -107,16 +131,17 @@ class FeatureExtractor:
         return self._forward(np.ascontiguousarray(pixels, dtype=np.uint8)).numpy().astype(np.float32, copy=False)
 
 
-_extractors: dict[str, FeatureExtractor] = {}
+_extractors: dict[tuple[str, str], FeatureExtractor] = {}
 
 
-def extractor_for(weights: str) -> FeatureExtractor:
-    """The process's one extractor for these weights: building ResNet50 costs seconds, so it is built once."""
-    if weights in _extractors:
-        return _extractors[weights]
-    key = parse_weights(weights)
+def extractor_for(weights: str, precision: str = "fp32") -> FeatureExtractor:
+    """The process's one extractor for these weights at this precision ('fp32' or 'bf16'; ingest.precision.choose
+    decides 'auto'): building ResNet50 costs seconds, so it is built once."""
+    if (weights, precision) in _extractors:
+        return _extractors[weights, precision]
+    key = (parse_weights(weights), precision)
     if key not in _extractors:
-        _extractors[key] = FeatureExtractor(key)
+        _extractors[key] = FeatureExtractor(*key)
     return _extractors[key]
 
 

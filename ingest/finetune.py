@@ -29,6 +29,7 @@ from ingest.errors import CollectionError, WeightsError
 from ingest.features import INPUT_SHAPE
 from ingest.images import decode_image, read_file
 from ingest.load import load_collection
+from ingest.precision import choose
 from ingest.sources import Candidate
 from ingest.splits import LabelledImage, split_images
 
@@ -87,13 +88,16 @@ def finetune(
     learning_rate: float = 1e-3,
     progress: bool = True,
     callbacks: list | None = None,
+    precision: str = "auto",
 ) -> FinetuneSummary:
     """Fine-tune the backbone of `collection` on its labels and re-embed its pictures into collection `into`.
 
+    Training runs at fp32; `precision` is that of the re-embedding ('auto': the source collection's).
     `callbacks` are extra Keras callbacks for every fit (tests use one to interrupt a run).
     """
     check_options(epochs, unfreeze, holdout, batch_size, learning_rate)
     coll = Collection.named(db, settings, collection)
+    precision = choose(precision, coll.precision)
     into = into or f"{coll.name}-ft"
     if into == coll.name:
         raise CollectionError(f"--into must name a new collection, not the source {coll.name!r}")
@@ -140,7 +144,7 @@ def finetune(
     compile_model(keras, model, learning_rate)  # evaluation needs a compiled model whatever phase ran last
     loss, accuracy = model.evaluate(train_eval_ds, verbose=0)
     holdout_loss, holdout_accuracy = model.evaluate(held_ds, verbose=0)
-    reembed(db, settings, coll, into=into, weights_path=weights_path, backbone=backbone, progress=progress)
+    reembed(db, settings, coll, into=into, weights_path=weights_path, backbone=backbone, precision=precision, progress=progress)
     return FinetuneSummary(
         coll.name, into, str(weights_path), initial_epoch, epochs_run, len(train), len(held),
         state.initial_loss, float(loss), float(accuracy), float(holdout_loss), float(holdout_accuracy),
@@ -323,13 +327,14 @@ def save_backbone(backbone, path: Path) -> Path:
     return path
 
 
-def reembed(db: Database, settings: Settings, coll: Collection, *, into: str, weights_path: Path, backbone, progress: bool) -> None:
+def reembed(db: Database, settings: Settings, coll: Collection, *, into: str, weights_path: Path, backbone, precision: str,
+            progress: bool) -> None:
     """Embed every picture of the source collection with the tuned weights into collection `into` (own PCA and Annoy file).
 
     A new extractor, not the process's cached one: a rerun writes the same path with other weights."""
     from ingest.features import FeatureExtractor, fingerprint
 
-    extractor = FeatureExtractor(str(weights_path))
+    extractor = FeatureExtractor(str(weights_path), precision)
     if extractor.fingerprint != fingerprint(backbone):
         raise WeightsError(f"{weights_path} does not load back as the tuned backbone")
     with db.connect() as conn:

@@ -6,6 +6,7 @@ whose message is the short reason recorded in the database.
 """
 from __future__ import annotations
 
+import functools
 import io
 import re
 import warnings
@@ -29,6 +30,20 @@ _PILLOW_BOMB = re.compile(r"\((\d+) pixels\) exceeds limit of (\d+)")
 # decoding, so the warning would only be noise. Set once here: catch_warnings per call is not
 # thread-safe, and loads decode in threads.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+@functools.cache
+def register_formats() -> None:
+    """Teach Pillow HEIC/HEIF (what iPhones write) through pillow-heif, which turns pictures upright by their
+    irot/imir boxes and EXIF as it decodes. AVIF is Pillow's own (11.3 and later, built with libavif)."""
+    try:
+        from pillow_heif import register_heif_opener
+    except ImportError:  # without it a HEIC file fails to decode, with its reason recorded like any other
+        return
+    register_heif_opener()
+
+
+register_formats()
 
 
 @dataclass(frozen=True)
@@ -82,12 +97,12 @@ def _decode_opened(img: Image.Image) -> DecodedImage:
     if img.getexif().get(ExifTags.Base.Orientation, 1) in _SWAPPING_ORIENTATIONS:
         width, height = height, width
     ImageOps.exif_transpose(img, in_place=True)
-    rgb = _to_rgb(img).resize((INPUT_SIZE, INPUT_SIZE), Image.Resampling.BILINEAR)
+    rgb = to_rgb(img).resize((INPUT_SIZE, INPUT_SIZE), Image.Resampling.BILINEAR)
     pixels = np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8))
     return DecodedImage(pixels=pixels, width=width, height=height)
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image) -> Image.Image:
     """Any Pillow mode -> RGB; what is transparent becomes white, as it looks on a page."""
     if img.mode in _HIGH_BIT_GREY_MODES:
         return _high_bit_grey_to_rgb(img)

@@ -8,17 +8,19 @@ a per-collection lock, so concurrent loads of one collection finish consistently
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
 from collections import deque
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import islice
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import numpy as np
 from tqdm import tqdm
 
-from ingest import store
+from ingest import store, sync
 from ingest.config import DEFAULT_BATCH_SIZE, DEFAULT_TREES, Settings
 from ingest.db import Database
 from ingest.errors import ImageError
@@ -29,9 +31,11 @@ from ingest.store import ImageRow, absolute
 
 if TYPE_CHECKING:
     from ingest.collection import Collection
+    from ingest.distributed import Cluster
     from ingest.features import FeatureExtractor
 
 DEFAULT_PCA_DIMS = 128
+KNOWN_LOCK = threading.Lock()  # guards the `known` set that prepare() shares between decoding threads
 
 
 @dataclass
@@ -40,7 +44,12 @@ class LoadSummary:
 
     collection: str
     ingested: int = 0
-    present: int = 0
+    present: int = 0  # files already recorded with this content
+    moved: int = 0  # stored pictures found at a new path while an old one is gone (ingest/sync.py)
+    duplicates: int = 0  # new files holding a picture that is stored under another path
+    missing: int = 0  # recorded files gone from disk (or pictures no file holds), kept until --prune
+    pruned: int = 0  # files gone that --prune forgot
+    removed: int = 0  # images --prune deleted (no file holds them any more)
     failed: int = 0
     skipped: int = 0
     seconds: float = 0.0
@@ -63,14 +72,23 @@ class Prepared:
 
 
 def prepare(candidate: Candidate, known: set[str]) -> Prepared:
-    """Read and hash a file; decode it only if the collection does not hold it yet."""
+    """Read and hash a file; decode it only if the collection does not hold it yet. Once decoded, its content
+    counts as known, so a second copy later in the same load is not embedded again (ingest/sync.py records its path).
+    Decoding threads share `known`: a content is claimed under a lock before it is decoded, so two copies read at
+    the same moment are not both embedded, and given back if it fails to decode."""
+    sha = None
     try:
         data = read_file(candidate.path)
         sha = hashlib.sha256(data).hexdigest()
-        if sha in known:
-            return Prepared(candidate, sha, len(data))
+        with KNOWN_LOCK:
+            if sha in known:
+                return Prepared(candidate, sha, len(data))
+            known.add(sha)
         return Prepared(candidate, sha, len(data), decode_image(data))
     except ImageError as e:
+        if sha is not None:
+            with KNOWN_LOCK:
+                known.discard(sha)
         return Prepared(candidate, failure=str(e))
 
 
@@ -107,25 +125,45 @@ def load_collection(
 
 def add_pictures(
     coll: Collection, candidates: list[Candidate], *, pca_dims: int | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
-    trees: int = DEFAULT_TREES, workers: int = 2, skipped: int = 0, progress: bool = True,
+    trees: int = DEFAULT_TREES, workers: int = 2, skipped: int = 0, progress: bool = True, root: Path | None = None,
+    prune: bool = False, cluster: Cluster | None = None,
 ) -> LoadSummary:
     """Read, decode, embed and store the pictures the collection does not hold yet, a committed batch at a time,
-    then `coll.finish`. Worker threads read and decode while the model runs on the previous batch."""
+    record where every file found lives (moves, copies, and with a `root` the files gone from it, forgotten with
+    `prune`: ingest/sync.py), then `coll.finish`. Worker threads read and decode while the model runs on the
+    previous batch; with a `cluster`, Ray tasks and actors do that middle part instead (ingest/distributed.py)."""
     known = store.stored_hashes(coll.db, coll.id)
+    before = sync.snapshot(coll, root, candidates)
+    seen: dict[str, tuple[str, str | None]] = {}
     if coll.pca is None:
         plan_pca_dims(coll, pca_dims, len(known) + len(candidates))
     summary = LoadSummary(coll.name, skipped=skipped)
     started = time.perf_counter()
-    with ThreadPoolExecutor(workers) as pool, tqdm(
-        total=len(candidates), unit="img", desc=f"ingest {coll.name}", disable=not progress, smoothing=0.1
-    ) as bar:
-        prepared = bounded_map(pool, lambda c: prepare(c, known), candidates, ahead=batch_size * 2)
-        for batch in batched(prepared, batch_size):
-            store_batch(coll, batch, summary)
-            bar.update(len(batch))
+    if cluster is not None:
+        from ingest.distributed import store_on_ray
+
+        stored = store_on_ray(coll, candidates, known, summary, cluster)
+    else:
+        stored = store_here(coll, candidates, known, summary, batch_size, workers)
+    with tqdm(total=len(candidates), unit="img", desc=f"ingest {coll.name}", disable=not progress, smoothing=0.1) as bar:
+        for files in stored:
+            seen.update((path, (sha, label)) for path, sha, label in files if sha)
+            bar.update(len(files))
+    sync.reconcile(coll, root, before, seen, summary, prune=prune)
     coll.finish(trees=trees)
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def store_here(coll: Collection, candidates: list[Candidate], known: set[str], summary: LoadSummary, batch_size: int,
+               workers: int) -> Iterator[list[tuple[str, str | None, str | None]]]:
+    """Embed and commit batch by batch in this process while `workers` threads read and decode the next ones;
+    yields (path, sha256, label) of each file of a committed batch."""
+    with ThreadPoolExecutor(workers) as pool:
+        prepared = bounded_map(pool, lambda c: prepare(c, known), candidates, ahead=batch_size * 2)
+        for batch in batched(prepared, batch_size):
+            store_batch(coll, batch, summary)
+            yield [(absolute(p.candidate.path), p.sha256, p.candidate.label) for p in batch]
 
 
 def plan_pca_dims(coll: Collection, requested: int | None, most_images: int) -> None:

@@ -22,9 +22,14 @@ def lock_in_transaction(conn: Connection, key: int, *, of: int | str = 0) -> Non
 
 @contextmanager
 def holding(conn: Connection, key: int, *, of: int | str = 0) -> Iterator[None]:
-    """Hold lock (key, of) on this connection for the block, whatever transactions it runs meanwhile."""
+    """Hold lock (key, of) on this connection for the block, whatever transactions it runs meanwhile.
+
+    The lock is the session's, so the connection leaves its transaction at once: an idle-in-transaction
+    snapshot would make CREATE INDEX CONCURRENTLY (an HNSW build inside the block) wait for it forever."""
     conn.execute(sa.text("SELECT pg_advisory_lock(:k, hashtext(:of))"), {"k": key, "of": str(of)})
+    conn.commit()
     try:
         yield
     finally:
         conn.execute(sa.text("SELECT pg_advisory_unlock(:k, hashtext(:of))"), {"k": key, "of": str(of)})
+        conn.commit()

@@ -2,7 +2,8 @@
 
 Users write SQL against these names (see sql/), so they are part of the interface:
 collections, images (with `embedding`, the PCA-reduced vector searched with `<->`),
-features (the raw 2048-float ResNet50 vector of each image) and ingest_failures.
+features (the raw 2048-float ResNet50 vector of each image), image_paths (every file holding each image)
+and ingest_failures.
 """
 from __future__ import annotations
 
@@ -124,3 +125,16 @@ class FinetuneSplit(Base):
     image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
     collection_id: Mapped[int] = mapped_column(ForeignKey("collections.id", ondelete="CASCADE"), index=True)
     split: Mapped[str] = mapped_column(Text)  # 'train' or 'holdout'
+
+
+class ImagePath(Base):
+    """A file holding a stored picture. A picture is embedded once per collection (by sha256) but may live in
+    several places: every one is a row here, and images.path is the one searches show."""
+
+    __tablename__ = "image_paths"
+    __table_args__ = (UniqueConstraint("collection_id", "path"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), index=True)
+    collection_id: Mapped[int] = mapped_column(ForeignKey("collections.id", ondelete="CASCADE"))
+    path: Mapped[str] = mapped_column(Text)

@@ -12,6 +12,7 @@ import click
 
 from ingest.config import Settings
 from ingest.errors import RisError
+from ingest.precision import PRECISIONS
 
 database_option = click.option(
     "--database-url",
@@ -23,6 +24,21 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON f
 collection_option = click.option(
     "--collection", "-c", metavar="NAME", help="Collection name. Default: the only one, else caltech101."
 )
+precision_option = click.option(
+    "--precision",
+    type=click.Choice(PRECISIONS),
+    default="auto",
+    show_default=True,
+    envvar="RIS_PRECISION",
+    help="How the CNN computes (env RIS_PRECISION). auto: a collection's own; for a new one bf16 where the processor "
+         "(AVX512_BF16, AMX) or GPU does it natively, else fp32.",
+)
+read_url_option = click.option(
+    "--read-url",
+    envvar="DATABASE_READ_URL",
+    metavar="URL",
+    help="A read-only replica that answers the queries (env DATABASE_READ_URL); writes still go to --database-url.",
+)
 timeout_option = click.option(
     "--statement-timeout",
     envvar="RIS_STATEMENT_TIMEOUT",
@@ -31,12 +47,13 @@ timeout_option = click.option(
 )
 
 
-def open_database(database_url: str | None, statement_timeout: str | None = None):
-    """Settings from the flags/environment, and a migrated database."""
-    from ingest.db import connect
+def open_database(database_url: str | None, statement_timeout: str | None = None, *, read_url: str | None = None):
+    """Settings from the flags/environment, and a migrated database; for a command that only reads and has a
+    `read_url` (--read-url / DATABASE_READ_URL), that replica instead (ingest.db.connect_for_queries)."""
+    from ingest.db import connect, connect_for_queries
 
-    settings = Settings.load(database_url, statement_timeout=statement_timeout)
-    return settings, connect(settings)
+    settings = Settings.load(database_url, statement_timeout=statement_timeout, read_url=read_url)
+    return settings, (connect_for_queries(settings) if read_url else connect(settings))
 
 
 def print_json(value) -> None:

@@ -15,6 +15,7 @@ from ingest.errors import CollectionError
 
 MAX_DIMS = 2000  # pgvector indexes (HNSW, IVFFlat) take at most 2000 dims
 PCA_SEED = 0
+PCA_SAMPLE = 50_000  # rows PCA is fitted on at most (a seeded sample): 400 MB of raw features, whatever the collection
 
 
 def normalize(raw: np.ndarray) -> np.ndarray:

@@ -16,6 +16,8 @@ from pathlib import Path
 from PIL import Image
 
 from ingest.errors import SourceError
+from ingest.images import register_formats
+from ingest.patterns import PathFilter
 
 
 @dataclass(frozen=True)
@@ -29,13 +31,14 @@ class Candidate:
 # --- folders -------------------------------------------------------------------------------------
 
 
-def walk_folder(root: Path, exclude_labels: frozenset[str] = frozenset()) -> tuple[list[Candidate], int]:
+def walk_folder(root: Path, exclude_labels: frozenset[str] = frozenset(), path_filter: PathFilter = PathFilter()) -> tuple[list[Candidate], int]:
     """List the image files under root, sorted by path so two loads of the same folder agree.
 
     Returns (candidates, skipped): skipped counts the other files, so a user sees how much was ignored.
     Hidden entries are skipped silently (macOS and git litter), directory symlinks are not followed
     (a loop cannot hang the walk), file symlinks are kept even when dangling (decoding records why they
-    fail). Top-level folders named in exclude_labels are left out entirely.
+    fail). Top-level folders named in exclude_labels are left out entirely, and so is what `path_filter`
+    (--include/--exclude, ingest/patterns.py) leaves out, without counting it as skipped.
     """
     root = Path(root)
     if not root.exists():
@@ -52,8 +55,11 @@ def walk_folder(root: Path, exclude_labels: frozenset[str] = frozenset()) -> tup
             if entry.name.startswith(".") or (folder == root and entry.name in exclude_labels):
                 continue
             kind = _entry_kind(entry)
-            if kind == "dir":
+            relative = Path(entry.path).relative_to(root).as_posix() if path_filter else ""
+            if kind == "dir" and not (path_filter and path_filter.skips_folder(relative)):
                 pending.append(Path(entry.path))
+            elif kind == "file" and path_filter and not path_filter.keeps_file(relative):
+                continue
             elif kind == "file" and _is_image_name(entry.name):
                 candidates.append(Candidate(Path(entry.path), _label(folder, root)))
             elif kind == "file":
@@ -89,7 +95,8 @@ def _entry_kind(entry: os.DirEntry) -> str:
 
 @functools.cache
 def _image_suffixes() -> frozenset[str]:
-    """Every suffix Pillow can open, lower case; computed once because it initialises all plugins."""
+    """Every suffix Pillow can open (HEIC/HEIF too), lower case; computed once because it initialises all plugins."""
+    register_formats()
     return frozenset(suffix.lower() for suffix in Image.registered_extensions())
 
 

@@ -89,15 +89,15 @@ def all_rows(conn: Connection) -> list[CollectionRow]:
     return [to_row(r) for r in conn.execute(sa.text(f"SELECT {COLLECTION_COLUMNS} FROM collections ORDER BY name"))]
 
 
-def create_row(db: Database, name: str, weights: str, fingerprint: str, pca_dims: int) -> CollectionRow:
-    """Insert the collection if it is new; either way return the row as stored (its weights may differ)."""
+def create_row(db: Database, name: str, weights: str, fingerprint: str, pca_dims: int, precision: str = "fp32") -> CollectionRow:
+    """Insert the collection if it is new; either way return the row as stored (its weights and precision may differ)."""
     with db.begin() as conn:
         conn.execute(
             sa.text(
-                "INSERT INTO collections (name, model, weights, weights_fingerprint, pca_dims) "
-                "VALUES (:n, :m, :w, :f, :d) ON CONFLICT (name) DO NOTHING"
+                "INSERT INTO collections (name, model, weights, weights_fingerprint, pca_dims, precision) "
+                "VALUES (:n, :m, :w, :f, :d, :p) ON CONFLICT (name) DO NOTHING"
             ),
-            {"n": name, "m": MODEL_NAME, "w": weights, "f": fingerprint, "d": pca_dims},
+            {"n": name, "m": MODEL_NAME, "w": weights, "f": fingerprint, "d": pca_dims, "p": precision},
         )
         return find_row(conn, name)
 
@@ -118,18 +118,21 @@ def insert_images(
 ) -> int:
     """Store one batch (images, raw features, embeddings if PCA is known) in one transaction; returns rows added.
 
-    `embeddings` were projected with PCA `pca_version`. The collection row is held FOR SHARE, which a refit
-    (save_pca) updates; if the PCA changed since the load opened the collection, the rows go in without
-    embeddings and `Collection.finish` projects them with the current PCA.
+    `embeddings` were projected with PCA `pca_version`. Writing embeddings bumps the collection's embedding_seq
+    and stamps the rows with it, holding the collection row until commit: writers of one collection commit in
+    seq order, so an index built at watermark S holds every row stamped S or less, and a refit (save_pca, which
+    updates the same row) waits for the batch. If the PCA changed since the load opened the collection, the
+    rows go in without embeddings and `Collection.finish` projects them with the current PCA.
     """
     if not rows:
         return 0
     with db.begin() as conn:
         cur = raw_cursor(conn)
+        seq = 0
         if embeddings is not None:
-            cur.execute("SELECT pca_version FROM collections WHERE id = %s FOR SHARE", (collection_id,))
-            if cur.fetchone()[0] != pca_version:
-                embeddings = None
+            seq, version = bump_embedding_seq(cur, collection_id)
+            if version != pca_version:
+                embeddings, seq = None, 0
         cur.execute(
             "CREATE TEMP TABLE staging (path text, label text, sha256 text, width int, height int, bytes bigint, "
             f"raw vector({RAW_DIMS}), embedding vector) ON COMMIT DROP"
@@ -141,13 +144,15 @@ def insert_images(
                 copy.write_row((r.path, r.label, r.sha256, r.width, r.height, r.bytes, raw[i], emb))
         cur.execute(
             "WITH added AS ("
-            " INSERT INTO images (collection_id, path, label, sha256, width, height, bytes, embedding)"
-            " SELECT DISTINCT ON (sha256) %(c)s, path, label, sha256, width, height, bytes, embedding FROM staging"
+            " INSERT INTO images (collection_id, path, label, sha256, width, height, bytes, embedding, embedding_seq)"
+            " SELECT DISTINCT ON (sha256) %(c)s, path, label, sha256, width, height, bytes, embedding, %(s)s FROM staging"
             " ORDER BY sha256, path"
-            " ON CONFLICT (collection_id, sha256) DO NOTHING RETURNING id, sha256)"
+            " ON CONFLICT (collection_id, sha256) DO NOTHING RETURNING id, sha256, path),"
+            " paths AS (INSERT INTO image_paths (image_id, collection_id, path) SELECT id, %(c)s, path FROM added"
+            " ON CONFLICT (collection_id, path) DO UPDATE SET image_id = EXCLUDED.image_id)"
             " INSERT INTO features (image_id, raw)"
             " SELECT DISTINCT ON (a.id) a.id, s.raw FROM added a JOIN staging s USING (sha256)",
-            {"c": collection_id},
+            {"c": collection_id, "s": seq},
         )
         added = cur.rowcount
         cur.execute(
@@ -156,8 +161,16 @@ def insert_images(
     return added
 
 
+def bump_embedding_seq(cur, collection_id: int) -> tuple[int, int]:
+    """Take the next embedding_seq of a collection, holding its row until commit; returns (seq, pca_version)."""
+    cur.execute("UPDATE collections SET embedding_seq = embedding_seq + 1 WHERE id = %s RETURNING embedding_seq, pca_version",
+                (collection_id,))
+    return cur.fetchone()
+
+
 def record_failures(db: Database, collection_id: int, failures: list[tuple[str, str]]) -> None:
-    """Remember why files could not be used; a file that fails again keeps one row with the latest reason."""
+    """Remember why files could not be used; a file that fails again keeps one row with the latest reason (and when
+    it first failed for that reason)."""
     if not failures:
         return
     with db.begin() as conn:
@@ -165,21 +178,26 @@ def record_failures(db: Database, collection_id: int, failures: list[tuple[str, 
             sa.text(
                 "INSERT INTO ingest_failures (collection_id, path, reason) VALUES (:c, :p, :r) "
                 "ON CONFLICT (collection_id, path) DO UPDATE SET reason = EXCLUDED.reason, at = now()"
+                " WHERE ingest_failures.reason <> EXCLUDED.reason"  # the same failure again changes nothing
             ),
             [{"c": collection_id, "p": p, "r": r} for p, r in dict(failures).items()],
         )
 
 
-def vector_chunks(db: Database, collection_id: int, kind: str, chunk: int = CHUNK_ROWS) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def vector_chunks(db: Database, collection_id: int, kind: str, chunk: int = CHUNK_ROWS, *,
+                  through: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(ids, matrix) blocks of a collection's vectors in id order, `chunk` rows at a time (keyset paging, binary).
 
     `kind` is a key of VECTOR_QUERIES: stored embeddings, raw features, or raw features of rows without an embedding.
+    `through` keeps only rows written by embedding_seq `through` or before (what an index build covers).
     """
     last = 0
+    extra, params = ("", ()) if through is None else (" AND i.embedding_seq <= %s", (through,))
     while True:
         with db.connect() as conn:
             cur = raw_cursor(conn)
-            cur.execute(f"{VECTOR_QUERIES[kind]} AND i.id > %s ORDER BY i.id LIMIT %s", (collection_id, last, chunk), binary=True)
+            cur.execute(f"{VECTOR_QUERIES[kind]}{extra} AND i.id > %s ORDER BY i.id LIMIT %s",
+                        (collection_id, *params, last, chunk), binary=True)
             rows = cur.fetchall()
         if not rows:
             return
@@ -190,6 +208,34 @@ def vector_chunks(db: Database, collection_id: int, kind: str, chunk: int = CHUN
         last = int(ids[-1])
 
 
+def vectors_of(db: Database, collection_id: int, kind: str, ids: np.ndarray, chunk: int = CHUNK_ROWS) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, matrix) of some rows of a collection ('embedding' or 'raw'), in id order; ids without such a vector,
+    or of another collection, are left out. Memory follows len(ids), not the collection (a sample, a PCA fit)."""
+    wanted = np.unique(np.asarray(ids, dtype=np.int64))
+    found_ids, blocks = [], []
+    for start in range(0, len(wanted), chunk):
+        with db.connect() as conn:
+            cur = raw_cursor(conn)
+            cur.execute(f"{VECTOR_QUERIES[kind]} AND i.id = ANY(%s) ORDER BY i.id",
+                        (collection_id, wanted[start:start + chunk].tolist()), binary=True)
+            rows = cur.fetchall()
+        found_ids.extend(r[0] for r in rows)
+        blocks.extend(as_array(r[1]) for r in rows)
+    if not blocks:
+        return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
+    return np.asarray(found_ids, dtype=np.int64), np.stack(blocks)
+
+
+def image_ids(db: Database, collection_id: int, kind: str = "raw") -> np.ndarray:
+    """Every id of a collection that has a vector of `kind` ('embedding' or 'raw'), in order: 8 bytes a row,
+    so a sample can be drawn without reading vectors."""
+    sql = VECTOR_QUERIES[kind].replace("SELECT i.id, f.raw", "SELECT i.id").replace("SELECT i.id, i.embedding", "SELECT i.id")
+    with db.connect() as conn:
+        cur = raw_cursor(conn)
+        cur.execute(sql + " ORDER BY i.id", (collection_id,), binary=True)
+        return np.fromiter((r[0] for r in cur), np.int64)
+
+
 def read_vectors(db: Database, collection_id: int, kind: str) -> tuple[np.ndarray, np.ndarray]:
     """All of `vector_chunks` at once: (ids, matrix), empty arrays for a collection without such rows."""
     blocks = list(vector_chunks(db, collection_id, kind))
@@ -198,60 +244,87 @@ def read_vectors(db: Database, collection_id: int, kind: str) -> tuple[np.ndarra
     return np.concatenate([b[0] for b in blocks]), np.concatenate([b[1] for b in blocks])
 
 
-def save_pca(db: Database, collection_id: int, pca: Pca, ids: np.ndarray, embeddings: np.ndarray) -> int:
+def save_pca(db: Database, collection_id: int, pca: Pca, chunk: int = CHUNK_ROWS) -> int:
     """Store a newly fitted PCA with every embedding it gives, in one transaction, and bump pca_version so
-    Annoy files built before it read as stale.
+    Annoy files built before it read as stale. Raw features are read and projected `chunk` rows at a time.
 
     The collection row is updated first: that waits for batches being inserted with the old PCA (they hold
-    the row FOR SHARE) and makes later ones insert without embeddings. Rows stored since `ids` were read
-    carry old-PCA embeddings; they are cleared here and projected by `Collection.finish`.
+    the row) and makes later ones insert without embeddings. Rows without raw features lose their embedding
+    (it belongs to the old PCA).
     """
     mean, components, ratio = pca.to_bytes()
     with db.begin() as conn:
-        version = conn.execute(
-            sa.text(
-                "UPDATE collections SET pca_mean = :m, pca_components = :c, pca_explained_variance = :r, pca_dims = :d, "
-                "pca_version = pca_version + 1, updated_at = now() WHERE id = :id RETURNING pca_version"
-            ),
-            {"m": mean, "c": components, "r": ratio, "d": pca.dims, "id": collection_id},
-        ).scalar_one()
-        conn.execute(
-            sa.text("UPDATE images SET embedding = NULL WHERE collection_id = :c AND embedding IS NOT NULL AND NOT (id = ANY(:ids))"),
-            {"c": collection_id, "ids": ids.tolist()},
+        cur = raw_cursor(conn)
+        cur.execute(
+            "UPDATE collections SET pca_mean = %s, pca_components = %s, pca_explained_variance = %s, pca_dims = %s, "
+            "pca_version = pca_version + 1, embedding_seq = embedding_seq + 1, updated_at = now() WHERE id = %s "
+            "RETURNING pca_version, embedding_seq",
+            (mean, components, ratio, pca.dims, collection_id),
         )
-        copy_embeddings(conn, ids, embeddings)
+        version, seq = cur.fetchone()
+        cur.execute("CREATE TEMP TABLE new_embeddings (id bigint, embedding vector) ON COMMIT DROP")
+        last = 0
+        while True:
+            cur.execute(f"{VECTOR_QUERIES['raw']} AND i.id > %s ORDER BY i.id LIMIT %s", (collection_id, last, chunk), binary=True)
+            rows = cur.fetchall()
+            if not rows:
+                break
+            ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
+            copy_rows(cur, ids, pca.project(np.stack([as_array(r[1]) for r in rows])))
+            last = int(ids[-1])
+        cur.execute("UPDATE images SET embedding = n.embedding, embedding_seq = %s FROM new_embeddings n WHERE images.id = n.id", (seq,))
+        cur.execute("UPDATE images SET embedding = NULL WHERE collection_id = %s AND embedding IS NOT NULL AND embedding_seq <> %s",
+                    (collection_id, seq))
         return version
 
 
-def write_embeddings(db: Database, ids: np.ndarray, embeddings: np.ndarray) -> None:
-    """Set images.embedding for many rows at once."""
+def write_embeddings(db: Database, collection_id: int, ids: np.ndarray, embeddings: np.ndarray) -> None:
+    """Set images.embedding for many rows of a collection at once, stamped with a new embedding_seq."""
     with db.begin() as conn:
-        copy_embeddings(conn, ids, embeddings)
+        cur = raw_cursor(conn)
+        seq, _ = bump_embedding_seq(cur, collection_id)
+        cur.execute("CREATE TEMP TABLE new_embeddings (id bigint, embedding vector) ON COMMIT DROP")
+        copy_rows(cur, ids, embeddings)
+        cur.execute("UPDATE images SET embedding = n.embedding, embedding_seq = %s FROM new_embeddings n "
+                    "WHERE images.id = n.id AND images.collection_id = %s", (seq, collection_id))
 
 
-def copy_embeddings(conn: Connection, ids: np.ndarray, embeddings: np.ndarray) -> None:
-    """COPY (id, embedding) pairs into a temporary table, then one UPDATE."""
-    cur = raw_cursor(conn)
-    cur.execute("CREATE TEMP TABLE new_embeddings (id bigint, embedding vector) ON COMMIT DROP")
+def copy_rows(cur, ids: np.ndarray, embeddings: np.ndarray) -> None:
+    """COPY (id, embedding) pairs into the transaction's new_embeddings table."""
     with cur.copy("COPY new_embeddings FROM STDIN WITH (FORMAT BINARY)") as copy:
         copy.set_types(["int8", "vector"])
         for i, e in zip(ids.tolist(), embeddings):
             copy.write_row((i, e))
-    cur.execute("UPDATE images SET embedding = n.embedding FROM new_embeddings n WHERE images.id = n.id")
 
 
-def embedding_state(db: Database, collection_id: int) -> dict:
-    """What an Annoy file of this collection must match to be fresh: rows, max id, dims, PCA version."""
+def delta_rows(db: Database, collection_id: int, after_seq: int, limit: int) -> int:
+    """How many searchable rows were written after embedding_seq `after_seq`, counting at most `limit` + 1
+    (an index probe on (collection_id, embedding_seq): the cost follows the delta, not the collection)."""
     with db.connect() as conn:
-        row = conn.execute(
-            sa.text(
-                "SELECT count(i.embedding) AS items, coalesce(max(i.id) FILTER (WHERE i.embedding IS NOT NULL), 0) AS max_id,"
-                " c.pca_dims AS dims, c.pca_version AS pca_version"
-                " FROM collections c LEFT JOIN images i ON i.collection_id = c.id WHERE c.id = :c GROUP BY c.id"
-            ),
-            {"c": collection_id},
-        ).one()
-    return dict(row._mapping)
+        return conn.execute(
+            sa.text("SELECT count(*) FROM (SELECT 1 FROM images WHERE collection_id = :c AND embedding_seq > :s"
+                    " AND embedding IS NOT NULL LIMIT :l) d"),
+            {"c": collection_id, "s": after_seq, "l": limit + 1},
+        ).scalar()
+
+
+def remove_images(db: Database, collection_id: int, ids: list[int]) -> int:
+    """Delete some images of a collection (their features, paths and splits go with them) and count them in
+    collections.removed_rows, in one transaction, so every index knows items may be gone. Returns rows deleted."""
+    if not ids:
+        return 0
+    with db.begin() as conn:
+        return delete_images(conn, collection_id, ids)
+
+
+def delete_images(conn: Connection, collection_id: int, ids: list[int]) -> int:
+    """`remove_images` inside a caller's transaction (a prune also forgets paths in it): the one place rows are deleted.
+    The collection row is taken first, as every writer of embeddings takes it, so a load and a prune cannot deadlock."""
+    conn.execute(sa.text("SELECT 1 FROM collections WHERE id = :c FOR UPDATE"), {"c": collection_id})
+    removed = conn.execute(sa.text("DELETE FROM images WHERE collection_id = :c AND id = ANY(:ids)"),
+                           {"c": collection_id, "ids": list(ids)}).rowcount
+    conn.execute(sa.text("UPDATE collections SET removed_rows = removed_rows + :n WHERE id = :c"), {"n": removed, "c": collection_id})
+    return removed
 
 
 def stored_image(db: Database, collection_id: int, *, image_id: int | None = None, sha256: str | None = None):

@@ -51,16 +51,20 @@ def brute_force(ids: np.ndarray, vectors: np.ndarray, query: np.ndarray, k: int)
     return ids[order], distances[order]
 
 
-def exact_neighbours(ids: np.ndarray, vectors: np.ndarray, rows: np.ndarray, k: int, *, progress: bool = False) -> np.ndarray:
-    """Ids (len(rows), k) of the k nearest other images of each query row, as pgvector ranks them.
+def exact_neighbours(ids: np.ndarray, vectors: np.ndarray, rows: np.ndarray, k: int, *, progress: bool = False,
+                     distances: bool = False):
+    """Ids (len(rows), k) of the k nearest other images of each query row, as pgvector ranks them (and, with
+    `distances`, their euclidean distances beside them: what a t-SNE of the vectors needs).
 
     A matrix product shortlists candidates a block of queries at a time; brute_force then ranks each
-    shortlist with the engines' own distance and tie-break, so the answer is the baseline's.
+    shortlist with the engines' own distance and tie-break, so the answer is the baseline's. The product runs
+    in float32 (twice as fast as float64 on 2048-d features): its rounding (about 1e-6 of a squared distance)
+    could only push a true neighbour past the 16 spare places of the shortlist if 16 others tied with it.
     """
-    v = vectors.astype(np.float64)
-    squares = (v**2).sum(axis=1)
+    v = np.asarray(vectors, dtype=np.float32)
+    squares = np.einsum("ij,ij->i", v, v)
     shortlist = min(len(ids) - 1, k + 16)
-    found = np.empty((len(rows), k), np.int64)
+    found, found_d = np.empty((len(rows), k), np.int64), np.empty((len(rows), k), np.float64)
     with tqdm(total=len(rows), desc="exact k-NN", unit="query", disable=not progress) as bar:
         for start in range(0, len(rows), CHUNK):
             block = rows[start : start + CHUNK]
@@ -69,21 +73,23 @@ def exact_neighbours(ids: np.ndarray, vectors: np.ndarray, rows: np.ndarray, k: 
             candidates = np.argpartition(d2, shortlist - 1, axis=1)[:, :shortlist]
             for i, (row, cand) in enumerate(zip(block, candidates)):
                 cand = cand[cand != row]
-                found[start + i] = brute_force(ids[cand], vectors[cand], vectors[row], k)[0]
+                found[start + i], found_d[start + i] = brute_force(ids[cand], vectors[cand], vectors[row], k)
             bar.update(len(block))
-    return found
+    return (found, found_d) if distances else found
 
 
-def annoy_neighbours(index, ids: np.ndarray, rows: np.ndarray, k: int, *, progress: bool = False) -> list[list[int]]:
+def annoy_neighbours(engine, ids: np.ndarray, rows: np.ndarray, k: int, *, fetch: int | None = None,
+                     progress: bool = False) -> list[list[int]]:
     """Annoy's k nearest other images of each query row, as AnnoyEngine.search(exclude=query) returns them.
 
-    `index` is an opened AnnoyIndex whose items are the image ids; items not in `ids` are skipped.
+    `engine` is the collection's Annoy engine (`Collection.engine("annoy")`); ids not in `ids` are skipped, so
+    when `ids` are a sample of the file's items, ask for `fetch` items (more than k + 1) to keep k of them.
     """
     members = set(ids.tolist())
     found = []
     for row in tqdm(rows.tolist(), desc="Annoy k-NN", unit="query", disable=not progress):
         item = int(ids[row])
-        items = index.get_nns_by_item(item, k + 1)
+        items = engine.ids_near_image(item, max(fetch or 0, k + 1))
         found.append([i for i in items if i != item and i in members][:k])
     return found
 

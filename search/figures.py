@@ -63,8 +63,9 @@ def label_colours(names: list[str]) -> dict[str, tuple]:
     return {name: tuple(colours[i]) for i, name in enumerate(names)}
 
 
-def plot_tsne(out: Path, xy: np.ndarray, labels: list[str | None], title: str) -> list[Path]:
-    """Two views of the map: points coloured by label, and the same points faded with label names at their medians."""
+def plot_tsne(out: Path, xy: np.ndarray, labels: list[str | None], title: str, prefix: str = "tsne") -> list[Path]:
+    """Two views of the map: points coloured by label, and the same points faded with label names at their medians
+    (PREFIX_labels.png, PREFIX_clusters.png)."""
     names = sorted({x for x in labels if x is not None})
     colours = label_colours(names)
     label_array = np.array([x if x is not None else "" for x in labels], dtype=object)
@@ -92,7 +93,7 @@ def plot_tsne(out: Path, xy: np.ndarray, labels: list[str | None], title: str) -
         elif len(names) <= 20:
             ax.legend(title="label (images)", loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0,
                       markerscale=max(1, 30 / size) ** 0.5)
-        files.append(save(fig, out / f"tsne_{view}.png"))
+        files.append(save(fig, out / f"{prefix}_{view}.png"))
     return files
 
 
@@ -136,7 +137,7 @@ def grid_cells(xy: np.ndarray) -> tuple[int, np.ndarray]:
 
 
 def plot_thumbnail_map(out: Path, xy: np.ndarray, paths: list[str], *, rng: np.random.Generator, title: str,
-                       progress: bool = False) -> Path:
+                       progress: bool = False, name: str = "tsne_thumbnails.png") -> Path:
     """The pictures themselves, tiled where t-SNE put them (at most MAX_THUMBNAILS: a seeded subset of more)."""
     shown = np.arange(len(xy)) if len(xy) <= MAX_THUMBNAILS else np.sort(rng.choice(len(xy), MAX_THUMBNAILS, replace=False))
     g, cells = grid_cells(xy[shown])
@@ -153,17 +154,17 @@ def plot_thumbnail_map(out: Path, xy: np.ndarray, paths: list[str], *, rng: np.r
     fig = plt.figure(figsize=(side / 100, (side + header) / 100), dpi=100)
     fig.figimage(np.asarray(canvas), xo=0, yo=0, origin="upper")
     fig.text(0.5, 1 - header / 2 / (side + header), "\n".join(lines), ha="center", va="center", fontsize=points)
-    path = out / "tsne_thumbnails.png"
+    path = out / name
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 
 
 def plot_neighbour_grids(out: Path, queries: list[GridQuery], k: int) -> list[Path]:
-    """Per query, one row per engine (pgvector's above Annoy's), each neighbour captioned with label and distance."""
+    """Per query, one row per method (in the order of its answers), each neighbour captioned with label and distance."""
     files = []
     for n, query in enumerate(queries, 1):
-        fig, axes = plt.subplots(len(query.answers), k + 1, figsize=(2.2 * (k + 1), 5.6), squeeze=False,
+        fig, axes = plt.subplots(len(query.answers), k + 1, figsize=(2.2 * (k + 1), 0.4 + 2.6 * len(query.answers)), squeeze=False,
                                  gridspec_kw={"wspace": 0.08, "hspace": 0.35, "top": 0.86})  # no tight_layout: too slow here
         for ax_row, (engine, hits) in zip(axes, query.answers):
             draw_row(ax_row, query.path, query.label, hits, engine)
@@ -171,6 +172,46 @@ def plot_neighbour_grids(out: Path, queries: list[GridQuery], k: int) -> list[Pa
                      "red ✗ = another label", fontsize=10)
         files.append(save(fig, out / f"neighbours_{n}.png"))
     return files
+
+
+def plot_method_grid(out: Path, name: str, method: str, queries: list[GridQuery], k: int) -> Path:
+    """One method's answers to every grid query, a row per query (the same queries in every section)."""
+    fig, axes = plt.subplots(len(queries), k + 1, figsize=(2.2 * (k + 1), 0.6 + 2.3 * len(queries)), squeeze=False,
+                             gridspec_kw={"wspace": 0.08, "hspace": 0.4, "top": 1 - 0.5 / (0.6 + 2.3 * len(queries))})
+    for n, (ax_row, query) in enumerate(zip(axes, queries), 1):
+        hits = dict(query.answers)[method]
+        draw_row(ax_row, query.path, query.label, hits, f"query {n}: image {query.id}")
+    fig.suptitle(f"{method}: the {k} nearest other images of each query; red ✗ = another label", fontsize=11)
+    return save(fig, out / name)
+
+
+def plot_sweep(out: Path, rows: list, engines: list, k: int, reference_k: int) -> Path:
+    """precision@k against dims (log scale) beside the published reference, and query time against dims.
+    `rows` are the sweep's SweepRows (numpy brute force); `engines` are SweepRows of the engines as deployed."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5.5))
+    dims = [r.dims for r in rows]
+    left.plot(dims, [r.precision for r in rows], "o-", color="C0", label=f"exact KNN, this collection (precision@{k})")
+    ref = [(r.dims, r.reference) for r in rows if r.reference is not None]
+    if ref:
+        left.plot(*zip(*ref), "s--", color="0.5", label=f"published reference, ImageNet weights (precision@{reference_k})")
+    for i, r in enumerate(engines, 1):
+        if r.precision is not None:
+            left.plot([r.dims], [r.precision], "D", color=f"C{i}", markersize=8, label=f"{r.method} ({r.dims} dims)")
+    right.plot(dims, [r.p50_ms for r in rows], "o-", color="C0", label="exact KNN, numpy brute force")
+    for i, r in enumerate(engines, 1):
+        right.plot([r.dims], [r.p50_ms], "D", color=f"C{i}", markersize=8, label=f"{r.method}: {r.timed_with}")
+    for ax, what in ((left, f"precision@{k} (leave-one-out)"), (right, "p50 ms per query (log scale)")):
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.set_xlabel("dims (log scale)")
+        ax.set_ylabel(what)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), fontsize=8)  # below: the points stay visible
+    right.set_yscale("log")
+    left.set_ylim(0, 1.02)
+    left.set_title("Quality against dimensions")
+    right.set_title("Query time against dimensions")
+    return save(fig, out / "dims_sweep.png")
 
 
 def plot_variance(out: Path, curve: np.ndarray, dims: int, collection: str) -> Path:

@@ -26,8 +26,18 @@ def tsne_threads(n: int) -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def run_tsne(vectors: np.ndarray, seed: int, progress: bool = False) -> tuple[np.ndarray, str]:
-    """2-d openTSNE map of the embeddings (exact affinities, PCA initialisation), and a line saying how it was made."""
+def tsne_neighbours(n: int) -> int:
+    """How many exact neighbours of each point t-SNE's affinities use (openTSNE's own choice: 3 x perplexity)."""
+    return min(n - 1, int(3 * tsne_perplexity(n)))
+
+
+def run_tsne(vectors: np.ndarray, seed: int, progress: bool = False, *, neighbours: tuple[np.ndarray, np.ndarray] | None = None,
+             init: np.ndarray | None = None) -> tuple[np.ndarray, str]:
+    """2-d openTSNE map of the vectors (exact affinities, PCA initialisation), and a line saying how it was made.
+
+    For 2048-d raw features, give `neighbours` (row numbers and distances of each point's tsne_neighbours(n)
+    exact nearest others) and `init` (the rows' first two principal components), both already computed by the
+    report: openTSNE would otherwise search and fit them again, which costs far more than the map itself."""
     import openTSNE
 
     perplexity = tsne_perplexity(len(vectors))
@@ -49,5 +59,12 @@ def run_tsne(vectors: np.ndarray, seed: int, progress: bool = False) -> tuple[np
             callbacks_every_iters=every,
             verbose=False,
         )
-        xy = np.asarray(tsne.fit(vectors.astype(np.float64)), dtype=np.float64)
+        if neighbours is None:
+            xy = tsne.fit(vectors.astype(np.float64))
+        else:
+            knn = openTSNE.nearest_neighbors.PrecomputedNeighbors(*neighbours)
+            affinities = openTSNE.affinity.PerplexityBasedNN(perplexity=perplexity, knn_index=knn, n_jobs=tsne.n_jobs)
+            start = openTSNE.initialization.jitter(openTSNE.initialization.rescale(np.asarray(init, np.float64)), random_state=seed)
+            xy = tsne.fit(affinities=affinities, initialization=start)
+        xy = np.asarray(xy, dtype=np.float64)
     return xy, f"openTSNE {openTSNE.__version__}, perplexity {perplexity:g}, seed {seed}, exact affinities, PCA initialisation"

@@ -2,8 +2,8 @@
 -- threshold, the closest pair first.
 --
 -- Answers: which pictures are (almost) the same one stored twice? Byte-identical files are already
--- stored once per collection (by sha256), so what is left here is re-encodings, resizes, crops and
--- true look-alikes. Pairs whose labels differ (same_label false) are worth a look first.
+-- stored once per collection (by sha256; sql/duplicate_files.sql lists their paths), so what is left
+-- here is re-encodings, resizes, crops and true look-alikes. Pairs whose labels differ (same_label false) are worth a look first.
 --
 -- Parameters: edit the params line.
 --   collection    the collection's name;

@@ -7,6 +7,7 @@ ingest.features.extractor_for, which CLI commands run in-process share); every t
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,11 @@ from PIL import Image, ImageDraw
 
 from ingest.config import Settings
 from ingest.db import connect, stop_embedded
+
+# Commands run the CNN at fp32 whatever the processor: `--precision auto` picks bf16 on some machines and not on
+# others. Set for the whole process (module fixtures load collections before any function fixture runs) and
+# inherited by the commands tests spawn; tests of `auto` pass --precision themselves.
+os.environ["RIS_PRECISION"] = "fp32"
 
 
 @pytest.fixture(scope="session")
@@ -58,6 +64,7 @@ class FakeExtractor:
     For tests about storing and searching vectors; it costs microseconds where the real model costs seconds."""
 
     weights = "fake"
+    precision = "fp32"
     fingerprint = hashlib.sha256(b"tests.conftest.FakeExtractor v1").hexdigest()
 
     def __init__(self):
@@ -76,7 +83,7 @@ def fake_extractor():
     from ingest import features
 
     fake = FakeExtractor()
-    features._extractors[fake.weights] = fake
+    features._extractors[fake.weights, fake.precision] = fake
     return fake
 
 

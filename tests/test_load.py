@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from ingest.annoy_index import index_path, read_sidecar
 from ingest.cli import cli as ingest_cli
+from ingest.collection import Collection
 from ingest.load import load_collection
 from ingest.sources import walk_folder
 from ingest.store import read_vectors
@@ -48,9 +49,10 @@ def test_load_folder_stores_images_features_embeddings_and_index(db, settings, p
     ids2, emb = read_vectors(db, coll.id, "embedding")
     assert (ids == ids2).all()
     np.testing.assert_allclose(emb, coll.pca.project(raw), atol=1e-4)
-    # The Annoy file holds the same ids.
-    sidecar = read_sidecar(index_path(settings.annoy_dir, "shapes"))
-    assert sidecar.items == 12 and sidecar.max_id == int(ids.max()) and sidecar.dims == 4
+    # The Annoy file holds the same ids, as dense items.
+    sidecar = read_sidecar(settings.annoy_dir, "shapes")
+    assert sidecar.items == 12 and sidecar.dims == 4 and sidecar.embedding_seq == coll.embedding_seq
+    assert np.load(settings.annoy_dir / sidecar.ids_file).tolist() == ids.tolist()
 
 
 def test_rerun_adds_nothing_and_status_reports_fresh_index(db, picture_folder):
@@ -78,13 +80,18 @@ def test_images_added_later_use_the_existing_pca(db, tmp_path, extractor, settin
     _, emb = read_vectors(db, after.id, "embedding")
     assert len(ids) == 9
     np.testing.assert_allclose(emb, before.pca.project(raw), atol=1e-4)
-    assert read_sidecar(index_path(settings.annoy_dir, "grow")).items == 9
+    # The file built by the first load stays; the three new rows are its delta, found by the Annoy engine.
+    assert read_sidecar(settings.annoy_dir, "grow").items == 6
+    coll = Collection.named(db, settings, "grow")
+    assert coll.index_delta(100) == 3
+    for image_id, vector in zip(ids[6:], emb[6:]):
+        assert coll.similar(vector, 1, engine="annoy")[0].id == image_id
 
 
 def test_duplicate_files_are_stored_once(db, picture_folder):
     shutil.copy(picture_folder / "red" / "red_0.jpg", picture_folder / "green" / "copy_of_red.jpg")
     summary = json.loads(run(*load_args(picture_folder, "dupes", "--json")).stdout)
-    assert summary["ingested"] == 12 and summary["present"] == 1
+    assert summary["ingested"] == 12 and summary["duplicates"] == 1 and summary["present"] == 0
 
 
 def test_bad_files_are_recorded_and_strict_fails(db, picture_folder):
@@ -129,11 +136,11 @@ def test_reduce_refits_without_the_cnn_and_index_rebuilds(db, settings, picture_
     assert after.pca_dims == 3 and after.pca_version == before.pca_version + 1
     _, emb = read_vectors(db, after.id, "embedding")
     assert emb.shape == (12, 3)
-    sidecar = read_sidecar(index_path(settings.annoy_dir, "refit"))
+    sidecar = read_sidecar(settings.annoy_dir, "refit")
     assert sidecar.dims == 3 and sidecar.pca_version == after.pca_version
     index_path(settings.annoy_dir, "refit").unlink()
     assert run("index", "--collection", "refit", "--trees", "5").exit_code == 0
-    assert read_sidecar(index_path(settings.annoy_dir, "refit")).trees == 5
+    assert read_sidecar(settings.annoy_dir, "refit").trees == 5
 
 
 def test_other_weights_are_refused_for_an_existing_collection(db, picture_folder, tmp_path, extractor):

@@ -67,7 +67,8 @@ def test_every_file_is_written_and_linked(report):
     pngs = report.files[1:]
     names = {p.name for p in pngs}
     assert {"tsne_labels.png", "tsne_clusters.png", "tsne_thumbnails.png", "pca_variance.png", "quality_labels.png", "latency.png"} <= names
-    assert {f"neighbours_{i}.png" for i in range(1, 6)} <= names
+    assert {"tsne_raw_labels.png", "tsne_raw_clusters.png", "tsne_raw_thumbnails.png", "dims_sweep.png"} <= names
+    assert {f"neighbours_{i}.png" for i in range(1, 6)} | {"grid_raw.png", "grid_pca.png", "grid_annoy.png"} <= names
     page = html.read_text()
     for png in pngs:
         assert png.exists() and png.parent == report.out
@@ -79,7 +80,22 @@ def test_every_file_is_written_and_linked(report):
     assert set(re.findall(r'src="([^"]+)"', page)) == names  # relative links only, nothing missing or extra
     for number in (report.precision_exact, report.precision_annoy, report.annoy_recall):
         assert f"{number:.3f}" in page
-    assert "openTSNE" in page and "perplexity" in page and "t-SNE" in report.timings
+    assert "openTSNE" in page and "perplexity" in page and {"t-SNE", "t-SNE, raw features", "dims sweep"} <= set(report.timings)
+    sections = [page.index(h) for h in ("<h2>1. KNN on the raw 2048-d features", "<h2>2. KNN after PCA", "<h2>3. Annoy")]
+    assert sections == sorted(sections) and "Which method to pick" in page and "Quality against dimensions" in page
+    for start, end, files in ((sections[0], sections[1], ("tsne_raw_labels", "tsne_raw_clusters", "tsne_raw_thumbnails", "grid_raw")),
+                              (sections[1], sections[2], ("tsne_labels", "tsne_clusters", "tsne_thumbnails", "grid_pca")),
+                              (sections[2], len(page), ("grid_annoy",))):
+        assert all(f'src="{f}.png"' in page[start:end] for f in files)
+    assert json.loads((report.out / "summary.json").read_text()) == json.loads(json.dumps(report.to_dict()))
+
+
+def test_every_section_shows_the_same_queries(report):
+    with Image.open(report.out / "grid_raw.png") as a, Image.open(report.out / "grid_annoy.png") as b:
+        assert a.size == b.size  # one row per query, k + 1 pictures a row, in every section
+    assert report.raw_note is None and report.precision_raw is not None and report.raw_agreement == 1.0
+    page = (report.out / "index.html").read_text()
+    assert page.count("query 1") >= 1 and "KNN, raw features (exact, SQL)" in page and "Annoy (approximate)" in page
 
 
 def test_numbers_match_an_independent_computation(report, collection, db, settings):
@@ -102,13 +118,42 @@ def test_numbers_match_an_independent_computation(report, collection, db, settin
     assert engines[0].startswith("pgvector") and any(e.startswith("Annoy") for e in engines) and engines[-1] == "numpy brute force"
     assert all(0 < t.p50_ms <= t.p95_ms for t in report.latency)
     assert report.tsne_xy.shape == (24, 2) and np.isfinite(report.tsne_xy).all()
+    assert report.tsne_raw_xy.shape == (24, 2) and np.isfinite(report.tsne_raw_xy).all()
+
+
+def test_raw_precision_and_the_dims_sweep_match_numpy(report, collection, db):
+    """Raw KNN and each sweep dims recomputed by hand: sklearn's PCA of that many components fitted on the normalised
+    raw features, then one brute-force query at a time, leaving the query out."""
+    from sklearn.decomposition import PCA
+
+    ids, raw = read_vectors(db, collection.id, "raw")
+    raw = normalize(raw)
+    with db.sqlalchemy.connect() as conn:
+        label = dict(conn.execute(sa.text("SELECT id, label FROM images WHERE collection_id = :c"), {"c": collection.id}).all())
+
+    def precision(vectors):
+        found = [[i for i in brute_force(ids, vectors, v, K + 1)[0].tolist() if i != item][:K] for item, v in zip(ids.tolist(), vectors)]
+        return np.mean([sum(label[i] == label[item] for i in near) / K for item, near in zip(ids.tolist(), found)])
+
+    assert report.precision_raw == pytest.approx(precision(raw), abs=1e-12)
+    sweep = {(r.method, r.dims): r for r in report.sweep}
+    assert sorted(d for m, d in sweep if m == "exact KNN, PCA") == [10, 20]  # the reference's dims below 24 images
+    for d in (10, 20):
+        projected = PCA(n_components=d, svd_solver="full").fit_transform(raw).astype(np.float32)
+        assert sweep[("exact KNN, PCA", d)].precision == pytest.approx(precision(projected), abs=1e-12), d
+        assert sweep[("exact KNN, PCA", d)].reference == {10: 0.66, 20: 0.80}[d]  # the published precision@4 beside ours
+    assert sweep[("exact KNN, raw", 2048)].precision == report.precision_raw and sweep[("exact KNN, raw", 2048)].reference == 0.8846
+    assert sweep[("Annoy (stored PCA)", collection.pca_dims)].precision == report.precision_annoy
+    assert all(r.p50_ms > 0 for r in report.sweep)
 
 
 def test_same_seed_same_report(report, db, settings, tmp_path):
     again = build_report(db, settings, NAME, tmp_path / "again", seed=0, k=K, progress=False)
     np.testing.assert_array_equal(again.tsne_xy, report.tsne_xy)
-    numbers = lambda r: {k: v for k, v in r.to_dict().items() if k not in ("out", "files", "timings", "latency")}  # noqa: E731
+    np.testing.assert_array_equal(again.tsne_raw_xy, report.tsne_raw_xy)
+    numbers = lambda r: {k: v for k, v in r.to_dict().items() if k not in ("out", "files", "timings", "latency", "sweep")}  # noqa: E731
     assert numbers(again) == numbers(report)
+    assert [(r.method, r.dims, r.precision) for r in again.sweep] == [(r.method, r.dims, r.precision) for r in report.sweep]
 
 
 def test_command_writes_a_sampled_report_drawn_with_the_seed(collection, db, settings, tmp_path):

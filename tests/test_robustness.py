@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 
-from ingest.annoy_index import index_path, read_sidecar
+from ingest.annoy_index import read_sidecar
 from ingest.db import sqlalchemy_url
 from ingest import locks
 from ingest.collection import Collection
@@ -305,7 +305,7 @@ def test_kill_9_at_six_moments_then_a_rerun_completes(db, ris_home, tmp_path, sp
     final = cli(ris_home, "ingest", *args, "--json")
     assert final.returncode == 0, final.stderr
     summary = json.loads(final.stdout)
-    assert summary["ingested"] + summary["present"] == total - 1 and summary["failed"] == 1
+    assert summary["ingested"] + summary["present"] + summary["duplicates"] == total - 1 and summary["failed"] == 1
     check_complete(db.sqlalchemy, ris_home, name, valid)
 
 
@@ -327,7 +327,7 @@ def test_ctrl_c_is_one_line_exit_130_and_a_rerun_finishes(db, ris_home, tmp_path
     rerun = cli(ris_home, "ingest", *args, "--json")
     assert rerun.returncode == 0, rerun.stderr
     summary = json.loads(rerun.stdout)
-    assert summary["present"] >= kept and summary["ingested"] + summary["present"] == len(valid) + 1
+    assert summary["present"] >= kept and summary["ingested"] + summary["present"] + summary["duplicates"] == len(valid) + 1
     check_complete(db.sqlalchemy, ris_home, "interrupted", valid)
 
 
@@ -352,7 +352,7 @@ def test_two_loads_of_one_folder_at_once(db, ris_home, tmp_path, spawn):
     assert [r.returncode for r in results] == [0, 0], [r.stderr for r in results]
     summaries = [json.loads(r.stdout) for r in results]
     for summary in summaries:
-        assert summary["ingested"] + summary["present"] == len(valid) + 1 and summary["failed"] == 1
+        assert summary["ingested"] + summary["present"] + summary["duplicates"] == len(valid) + 1 and summary["failed"] == 1
     assert sum(s["ingested"] for s in summaries) == len(valid)
     check_complete(db.sqlalchemy, ris_home, "twice", valid)
 
@@ -377,7 +377,7 @@ def test_a_batch_stored_while_ingest_reduce_refits_gets_the_new_pca(db, settings
         ids, raw = read_vectors(db, opened.id, "raw")
         store_batch(opened, batch, LoadSummary(name))
         pca = fit_pca(raw, 3)
-        save_pca(db, opened.id, pca, ids, pca.project(raw))
+        save_pca(db, opened.id, pca)
     Collection.named(db, settings, name).finish()  # the load's own end
 
     coll = collection_row(db, name)
@@ -385,7 +385,9 @@ def test_a_batch_stored_while_ingest_reduce_refits_gets_the_new_pca(db, settings
     embedded, embeddings = read_vectors(db, coll.id, "embedding")
     assert coll.pca_dims == 3 and len(ids) == 12 and np.array_equal(ids, embedded)
     np.testing.assert_allclose(embeddings, coll.pca.project(raw), atol=1e-4)
-    assert read_sidecar(index_path(settings.annoy_dir, name)).items == 12
+    # Every row is searchable through Annoy: in the file, or in its delta (rows embedded since the build).
+    finished = Collection.named(db, settings, name)
+    assert finished.index_problem() is None and read_sidecar(settings.annoy_dir, name).items + finished.index_delta(100) == 12
 
 
 # --- the database goes away ----------------------------------------------------------------------

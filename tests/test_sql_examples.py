@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,8 @@ def loaded(db, ris_home, tmp_path_factory) -> Loaded:
     folder = make_folder(tmp_path_factory.mktemp("sql") / "pics", labels=tuple(COLOURS), per_label=5, seed=7)
     Image.open(folder / "red" / "red_0.jpg").save(folder / DUPLICATE, quality=60)
     make_picture((128, 0, 128), "circle", seed=99).save(folder / "unlabelled.jpg", quality=90)
+    (folder / "copies").mkdir()
+    shutil.copy(folder / "blue" / "blue_1.jpg", folder / "copies" / "blue_1.jpg")  # same bytes: one image, two paths
     # A label whose pictures look like the other labels', so precision is not simply 1.
     (folder / "mixed").mkdir()
     for i, colour in enumerate(COLOURS.values()):
@@ -107,6 +110,13 @@ def ranked(keys: np.ndarray, ids: np.ndarray) -> np.ndarray:
 
 
 # ---- one numpy check per example; each runs it with its default parameters and with others ----
+
+
+def check_duplicate_files(data: Loaded, run) -> None:
+    shown = data.paths[data.index("blue/blue_1.jpg")]
+    copy = shown.replace("/blue/blue_1.jpg", "/copies/blue_1.jpg")
+    assert run() == [{"id": int(data.ids[data.index("blue/blue_1.jpg")]), "label": "blue", "files": 2,
+                      "paths": [shown, copy], "shown": shown}]
 
 
 def check_images_per_label(data: Loaded, run) -> None:

@@ -1,0 +1,116 @@
+"""pgvector HNSW, per collection: an approximate index inside PostgreSQL, kept up to date by every insert.
+
+`images.embedding` has no fixed dimension (each collection has its own PCA dims), so the index is a partial
+expression index, as pgvector's FAQ does it: `USING hnsw ((embedding::vector(N))) WHERE collection_id = X`.
+A query uses it only if it orders by the same expression and its plan knows X (a partial index is matched
+when planning, so the engine asks for custom plans: a generic plan of a prepared statement could not use it).
+Its name carries the dims, so a refit to other dims can never leave an index that rejects new rows.
+"""
+from __future__ import annotations
+
+import threading
+
+import sqlalchemy as sa
+from tqdm import tqdm
+
+from ingest.db import Database
+
+HNSW_M = 16  # pgvector's defaults: links per node and candidate list while building
+EF_CONSTRUCTION = 64
+BUILD_MEMORY = "1GB"  # maintenance_work_mem for a build: ~0.8 KB a row at 128-d, so 1M rows fit in memory
+
+
+def index_name(collection_id: int, dims: int) -> str:
+    return f"images_hnsw_{int(collection_id)}_{int(dims)}"
+
+
+def indexes(conn: sa.Connection, collection_id: int) -> dict[str, bool]:
+    """The collection's HNSW indexes (any dims): name -> valid (an interrupted concurrent build leaves an invalid one)."""
+    rows = conn.execute(
+        sa.text("SELECT c.relname, i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid"
+                " WHERE c.relname LIKE :p"),
+        {"p": f"images\\_hnsw\\_{int(collection_id)}\\_%"},
+    )
+    return {r.relname: r.indisvalid for r in rows}
+
+
+def has_index(db: Database, collection_id: int, dims: int) -> bool:
+    with db.connect() as conn:
+        return indexes(conn, collection_id).get(index_name(collection_id, dims), False)
+
+
+def autocommit(db: Database) -> sa.Connection:
+    """CREATE/DROP INDEX CONCURRENTLY cannot run inside a transaction block."""
+    return db.sqlalchemy.connect().execution_options(isolation_level="AUTOCOMMIT")
+
+
+def drop(db: Database, collection_id: int, *, keep: str | None = None) -> None:
+    """Drop the collection's HNSW indexes (but `keep`), without blocking other collections' reads and writes."""
+    with autocommit(db) as conn:
+        for name in indexes(conn, collection_id):
+            if name != keep:
+                conn.execute(sa.text(f'DROP INDEX CONCURRENTLY IF EXISTS "{name}"'))
+
+
+def build(db: Database, collection_id: int, dims: int, *, progress: bool = True) -> str:
+    """Create the collection's HNSW index if it does not exist (concurrently: loads and searches go on), drop
+    any of other dims or left invalid by an interrupted build, and mark the collection so loads keep it."""
+    name = index_name(collection_id, dims)
+    with db.begin() as conn:
+        conn.execute(sa.text("UPDATE collections SET hnsw = true WHERE id = :c"), {"c": collection_id})
+        valid = indexes(conn, collection_id).get(name)
+    drop(db, collection_id, keep=name if valid else None)
+    if valid:
+        return name
+    with autocommit(db) as conn:
+        conn.execute(sa.text(f"SET maintenance_work_mem = '{BUILD_MEMORY}'"))
+        pid = conn.execute(sa.text("SELECT pg_backend_pid()")).scalar()
+        watcher = ProgressLine(db, pid, name, enabled=progress)
+        try:
+            conn.execute(sa.text(
+                f'CREATE INDEX CONCURRENTLY "{name}" ON images USING hnsw ((embedding::vector({int(dims)})) vector_l2_ops)'
+                f" WITH (m = {HNSW_M}, ef_construction = {EF_CONSTRUCTION}) WHERE collection_id = {int(collection_id)}"
+            ))
+        finally:
+            watcher.stop()
+    return name
+
+
+def forget(db: Database, collection_id: int) -> None:
+    """Drop the collection's HNSW index and stop keeping one."""
+    with db.begin() as conn:
+        conn.execute(sa.text("UPDATE collections SET hnsw = false WHERE id = :c"), {"c": collection_id})
+    drop(db, collection_id)
+
+
+class ProgressLine:
+    """A progress bar fed from pg_stat_progress_create_index while another connection builds the index."""
+
+    def __init__(self, db: Database, pid: int, name: str, *, enabled: bool):
+        self.db, self.pid = db, pid
+        self.bar = tqdm(desc=f"hnsw {name}", unit="block", disable=not enabled)
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self.watch, daemon=True)
+        if enabled:
+            self.thread.start()
+
+    def watch(self) -> None:
+        with self.db.connect() as conn:
+            while not self.done.wait(1.0):
+                row = conn.execute(sa.text("SELECT phase, tuples_total, tuples_done, blocks_total, blocks_done"
+                                           " FROM pg_stat_progress_create_index WHERE pid = :p"), {"p": self.pid}).first()
+                conn.rollback()  # each poll its own snapshot
+                if row is None:
+                    continue
+                total, done = (row.tuples_total, row.tuples_done) if row.tuples_total else (row.blocks_total, row.blocks_done)
+                self.bar.unit = "row" if row.tuples_total else "block"
+                self.bar.set_postfix_str(row.phase, refresh=False)
+                self.bar.total = total or None
+                self.bar.n = done or 0
+                self.bar.refresh()
+
+    def stop(self) -> None:
+        self.done.set()
+        if self.thread.is_alive():
+            self.thread.join()
+        self.bar.close()

@@ -1,0 +1,121 @@
+"""How the CNN runs: at which precision (fp32 or bf16) and on what (the processor or a GPU).
+
+bf16 roughly halves the work of each multiply where the hardware does it natively (AVX512_BF16 or AMX on
+the processor, a GPU of compute capability 8.0 or more) and is slower than fp32 where it is emulated, so
+`auto` asks the hardware. A collection records the precision its vectors were made at: `auto` then means
+the collection's own, and only a new collection is decided by the hardware (`choose`).
+A GPU also changes how a load is fed (`feeding`): a larger batch and a decode thread per core.
+TensorFlow is imported only by `hardware`, and only to list GPUs.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ingest.config import DEFAULT_BATCH_SIZE
+from ingest.errors import RisError, WeightsError
+
+PRECISIONS = ("auto", "fp32", "bf16")
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of native bf16 arithmetic
+GPU_BF16_CAPABILITY = (8, 0)  # Ampere and later compute bf16 natively
+GPU_BATCH_SIZE = 128  # a GPU runs ResNet50 thousands of images/s; 32 a batch would leave it waiting on each call
+CPU_WORKERS = 2  # decode threads beside the model on a processor: the model takes the other cores
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """What `auto` and a load's feeding are decided from."""
+
+    cpu_bf16: bool = False
+    gpus: tuple[str, ...] = ()  # device names TensorFlow sees
+    gpu_bf16: bool = False
+
+    @property
+    def native_bf16(self) -> bool:
+        return self.gpu_bf16 if self.gpus else self.cpu_bf16
+
+    def describe(self) -> str:
+        if self.gpus:
+            return f"GPU {', '.join(self.gpus)}" + ("" if self.gpu_bf16 else " (no native bf16)")
+        return "processor with AVX512_BF16/AMX" if self.cpu_bf16 else "processor without native bf16"
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
+    """The processor's feature flags (empty where /proc/cpuinfo does not exist, e.g. macOS)."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return set()
+    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.partition(":")[2].split()}
+
+
+def hardware() -> Hardware:
+    """The processor's bf16 support and the GPUs TensorFlow sees. The one place that looks; tests replace it."""
+    from ingest.features import quiet_tensorflow
+
+    tf = quiet_tensorflow()
+    gpus = tf.config.list_physical_devices("GPU")
+    capabilities = [tf.config.experimental.get_device_details(g).get("compute_capability") or (0, 0) for g in gpus]
+    return Hardware(
+        cpu_bf16=any(flag in cpu_flags() for flag in CPU_BF16_FLAGS),
+        gpus=tuple(g.name for g in gpus),
+        gpu_bf16=bool(gpus) and all(tuple(c) >= GPU_BF16_CAPABILITY for c in capabilities),
+    )
+
+
+def check(precision: str) -> str:
+    """The precision, if it is one of PRECISIONS (the library's callers do not pass through Click's choice)."""
+    if precision not in PRECISIONS:
+        raise RisError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return precision
+
+
+def choose(requested: str, recorded: str | None, hw: Hardware | None = None) -> str:
+    """fp32 or bf16 for a load: as asked; for `auto`, the collection's recorded precision if it exists,
+    else bf16 where the hardware computes it natively. `hw` is looked up only when needed."""
+    if check(requested) != "auto":
+        return requested
+    if recorded is not None:
+        return recorded
+    return "bf16" if (hw or hardware()).native_bf16 else "fp32"
+
+
+def check_precision(precision: str, *, collection: str, recorded: str, remedy: str) -> None:
+    """Refuse a precision other than the one a collection's vectors were made at: loads never mix the two."""
+    if precision != recorded:
+        raise WeightsError(f"collection {collection!r} was built at {recorded} precision, not {precision} "
+                           f"(--precision auto uses the collection's own); {remedy}")
+
+
+@dataclass(frozen=True)
+class Feeding:
+    """Batch size and decode threads of a load, and the line that says where the model runs (None on a processor)."""
+
+    batch_size: int
+    workers: int
+    device_line: str | None = None
+
+
+def feeding(hw: Hardware, precision: str, batch_size: int | None = None, workers: int | None = None) -> Feeding:
+    """On a GPU: batches of GPU_BATCH_SIZE and a decode thread per core, said on the load's first line;
+    on a processor: the defaults. Explicit --batch-size and --workers win either way."""
+    if not hw.gpus:
+        return Feeding(batch_size or DEFAULT_BATCH_SIZE, workers or CPU_WORKERS)
+    batch, threads = batch_size or GPU_BATCH_SIZE, workers or os.cpu_count() or CPU_WORKERS
+    return Feeding(batch, threads, f"using {hw.describe()}: {precision}, batch {batch}, {threads} decode threads")
+
+
+def plan_load(db, name: str, requested: str, batch_size: int | None = None, workers: int | None = None) -> tuple[str, Feeding]:
+    """The precision and feeding of a load into collection `name`, refusing at once (before a model is built or an
+    archive unpacked) a precision other than the one an existing collection was built at."""
+    from ingest import store
+
+    with db.connect() as conn:
+        row = store.find_row(conn, name)
+    recorded = row.precision if row is not None else None
+    hw = hardware()
+    precision = choose(requested, recorded, hw)
+    if recorded is not None:
+        check_precision(precision, collection=name, recorded=recorded, remedy="use another --collection for other vectors")
+    return precision, feeding(hw, precision, batch_size, workers)
