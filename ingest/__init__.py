@@ -17,6 +17,7 @@ _EXPORTS = {
     "Settings": "ingest.config",
     "Database": "ingest.db",
     "connect": "ingest.db",
+    "connect_for_queries": "ingest.db",
     "read_only": "ingest.db",
     "raw_cursor": "ingest.store",
     # where pictures live: every file holding each image (duplicates)

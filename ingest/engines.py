@@ -9,6 +9,7 @@ collection, approximate and always up to date. All see only the collection's row
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,7 +22,8 @@ from ingest.filters import Filter
 from ingest.store import CollectionRow, raw_cursor
 
 ENGINES = ("pgvector", "annoy", "hnsw")  # exact SQL, fast approximate file, approximate index in PostgreSQL
-DEFAULT_EF_SEARCH = 100  # HNSW candidate list per query: recall@10 >= 0.95 at 1M rows (bench/scale.py)
+SEARCH_K_FACTOR = 2  # Annoy's search_k, in multiples of its default (trees x items asked for)
+DEFAULT_EF_SEARCH = 200  # HNSW candidate list per query: recall@10 0.954 at 1M rows, 6 ms p50 (bench/scale.py)
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,7 @@ class AnnoySearch:
         self.annoy_dir = annoy_dir
         self.opened_at = self.sidecar_stamp()
         self.sidecar, self.index, self.ids = self.open_checked()
+        self.removed = 0  # rows removed since the build, as last seen: the file is asked for that many more
 
     def sidecar_stamp(self) -> tuple | None:
         try:
@@ -144,52 +147,76 @@ class AnnoySearch:
 
     def search(self, vector: np.ndarray, k: int, flt: Filter = Filter()) -> list[Hit]:
         """Over-fetch when filtering or after removals, keep what passes, add the delta's nearest; fewer than k
-        may remain only when a filter leaves fewer."""
+        may remain only when a filter leaves fewer. One statement a query as a rule (a second one only when it
+        shows more rows removed than the file was asked to make up for), outside a transaction unless a
+        --where must run read-only: at a million rows each round trip to the server costs about as much as
+        the Annoy lookup itself."""
         q = np.asarray(vector, dtype=np.float32)
         if self.sidecar_stamp() != self.opened_at:  # rebuilt since (a load passed the delta threshold): switch over
             self.opened_at = self.sidecar_stamp()
             self.sidecar, self.index, self.ids = self.open_checked()
-        with self.db.begin() as conn:
-            cur = filtered_cursor(conn, flt, timeout=self.timeout)
-            removed = self.check_row(cur)
-            wanted = k + (1 if flt.exclude is not None else 0) + removed
-            fetch = min(max(wanted * 10, 100) if flt.narrows else wanted, self.sidecar.items)
-            items, distances = self.index.get_nns_by_vector(q.tolist(), fetch, search_k=self.search_k, include_distances=True)
-            found = dict(zip(self.ids[items].tolist(), distances))
-            cur.execute(self.lookup_sql(flt), flt.params(self.coll.id) | {"ids": list(found), "q": q, "k": k, "seq": self.sidecar.embedding_seq})
-            rows = cur.fetchall()
+            self.removed = 0
+        with self.cursor(flt) as cur:
+            while True:
+                found, rows, removed = self.lookup(cur, q, k, flt)
+                if removed <= self.removed:
+                    break
+                self.removed = removed  # rows removed since the build: ask the file for that many more
         merged = sorted((found.get(r[0], r[3]), r[0], r[1], r[2]) for r in rows)
         return [Hit(rank, i, path, label, float(d)) for rank, (d, i, path, label) in enumerate(merged[:k], 1)]
 
+    @contextmanager
+    def cursor(self, flt: Filter):
+        """A cursor outside any transaction (one statement needs none), or in a read-only one for a --where."""
+        if flt.where is not None:
+            with self.db.begin() as conn:
+                yield filtered_cursor(conn, flt, timeout=self.timeout)
+            return
+        with self.db.connect() as conn:
+            yield raw_cursor(conn.execution_options(isolation_level="AUTOCOMMIT"))
+
+    def lookup(self, cur, q: np.ndarray, k: int, flt: Filter) -> tuple[dict, list, int]:
+        """The file's nearest items, their rows (those still stored that pass the filter) and the delta's k
+        nearest, with the collection row read by the same statement; refuse if its PCA changed since the build."""
+        wanted = k + (1 if flt.exclude is not None else 0) + self.removed
+        fetch = min(max(wanted * 10, 100) if flt.narrows else wanted, self.sidecar.items)
+        items, distances = self.index.get_nns_by_vector(q.tolist(), fetch, search_k=self.search_k_for(fetch), include_distances=True)
+        found = dict(zip(self.ids[items].tolist(), distances))
+        cur.execute(self.lookup_sql(flt), flt.params(self.coll.id) | {"ids": list(found), "q": q, "k": k, "seq": self.sidecar.embedding_seq})
+        rows = cur.fetchall()
+        if not rows:
+            raise RisError(f"collection {self.coll.name!r} was removed")
+        pca_dims, pca_version, removed_rows = rows[0][4:]
+        if (pca_dims, pca_version) != (self.sidecar.dims, self.sidecar.pca_version):
+            raise IndexFileError(f"the Annoy index of {self.coll.name!r} is stale (the PCA changed since it was built){self.hint}")
+        return found, [r[:4] for r in rows if r[0] is not None], max(0, removed_rows - self.sidecar.removed_rows)
+
+    def search_k_for(self, n: int) -> int:
+        """Annoy's search_k for n items: the one given, else twice Annoy's own default (trees x n). At 1M rows
+        its default gave recall@10 0.929, twice that 0.989 for 0.12 ms more (bench/scale.py's data)."""
+        return self.search_k if self.search_k > 0 else SEARCH_K_FACTOR * self.sidecar.trees * n
+
     def ids_near(self, vector: np.ndarray, n: int) -> list[int]:
         """Image ids of the file's n nearest items to a vector: the bare index lookup, without rows or delta."""
-        return self.ids[self.index.get_nns_by_vector(np.asarray(vector, dtype=np.float32).tolist(), n, search_k=self.search_k)].tolist()
+        q = np.asarray(vector, dtype=np.float32).tolist()
+        return self.ids[self.index.get_nns_by_vector(q, n, search_k=self.search_k_for(n))].tolist()
 
     def ids_near_image(self, image_id: int, n: int) -> list[int]:
         """Image ids of the file's n nearest items to a stored image (itself first), or [] if it is not in the file."""
         item = int(np.searchsorted(self.ids, image_id))
         if item >= len(self.ids) or self.ids[item] != image_id:
             return []
-        return self.ids[self.index.get_nns_by_item(item, n, search_k=self.search_k)].tolist()
-
-    def check_row(self, cur) -> int:
-        """Read the collection row (one primary-key lookup): refuse if its PCA changed since the build; return
-        how many rows were removed since, so the file is asked for that many more items."""
-        cur.execute("SELECT pca_dims, pca_version, removed_rows FROM collections WHERE id = %s", (self.coll.id,))
-        row = cur.fetchone()
-        if row is None:
-            raise RisError(f"collection {self.coll.name!r} was removed")
-        pca_dims, pca_version, removed_rows = row
-        if (pca_dims, pca_version) != (self.sidecar.dims, self.sidecar.pca_version):
-            raise IndexFileError(f"the Annoy index of {self.coll.name!r} is stale (the PCA changed since it was built){self.hint}")
-        return max(0, removed_rows - self.sidecar.removed_rows)
+        return self.ids[self.index.get_nns_by_item(item, n, search_k=self.search_k_for(n))].tolist()
 
     @staticmethod
     def lookup_sql(flt: Filter) -> str:
-        """The file's candidates that are still rows and pass the filter, plus the delta's k nearest that pass it."""
+        """The file's candidates that are still rows and pass the filter, plus the delta's k nearest that pass
+        it, each beside the collection row (which comes back alone when nothing matched)."""
         indexed = flt.scoped("id, path, label, NULL::float8 AS distance", "id = ANY(%(ids)s)")
         delta = flt.scoped("id, path, label, embedding <-> %(q)s AS distance", "embedding_seq > %(seq)s AND embedding IS NOT NULL")
-        return f"{indexed} UNION ALL ({delta} ORDER BY distance, id LIMIT %(k)s)"
+        return (f"WITH hits AS ({indexed} UNION ALL ({delta} ORDER BY distance, id LIMIT %(k)s))"
+                " SELECT h.id, h.path, h.label, h.distance, c.pca_dims, c.pca_version, c.removed_rows"
+                " FROM collections c LEFT JOIN hits h ON true WHERE c.id = %(c)s")
 
 
 class HnswSearch:

@@ -37,9 +37,9 @@ def cli():
 @click.option("--label", help="Only neighbours with this label.")
 @click.option("--where", metavar="SQL", help="Only neighbours matching this SQL condition on images (read-only, within the collection).")
 @click.option("--exclude-self", is_flag=True, help="Leave the query image itself out of the results.")
-@click.option("--search-k", type=int, default=-1, show_default=True, help="Annoy's search_k (-1: trees x k).")
+@click.option("--search-k", type=int, default=-1, show_default=True, help="Annoy's search_k (-1: 2 x trees x k).")
 @click.option("--ef-search", type=click.IntRange(1, 1000), default=None, metavar="N",
-              help="HNSW candidate list per query (default 100; higher: better recall, slower).")
+              help="HNSW candidate list per query (default 200; higher: better recall, slower).")
 @click.option("--plot", type=click.Path(path_type=Path, dir_okay=False), help="Write a PNG of the query and its neighbours.")
 @collection_option
 @database_option
@@ -205,7 +205,8 @@ def report_command(out, sample, seed, k, compare_with, collection, database_url,
               help="Largest picture accepted for upload.  [default: 20]")
 @collection_option
 @database_option
-def serve_command(host, port, workers, max_upload_mb, collection, database_url):
+@read_url_option
+def serve_command(host, port, workers, max_upload_mb, collection, database_url, read_url):
     """A web page and a JSON API to search collections by picture (read-only); API docs at /docs.
 
     Example: search serve --collection caltech101 --port 8080
@@ -215,10 +216,11 @@ def serve_command(host, port, workers, max_upload_mb, collection, database_url):
     from ingest import Collection
     from search.serve import run
 
-    settings, db = open_database(database_url)
+    settings, db = open_database(database_url, read_url=read_url)
     name = Collection.named(db, settings, collection).name  # a missing collection is one line here, not a stack in each worker
     db.dispose()
-    if database_url:
-        os.environ["DATABASE_URL"] = database_url  # workers are new processes: they read it from the environment
+    for variable, url in (("DATABASE_URL", database_url), ("DATABASE_READ_URL", read_url)):
+        if url:
+            os.environ[variable] = url  # workers are new processes: they read both from the environment
     click.echo(f"search serve: {name} at http://{host}:{port}/ ({workers} worker{'s' if workers > 1 else ''}; Ctrl-C stops)", err=True)
     run(host=host, port=port, workers=workers, collection=name, max_upload_mb=max_upload_mb)

@@ -25,8 +25,15 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 
-from ingest import ENGINES, Collection, Settings, connect, raw_cursor
-from ingest.errors import CollectionError, ImageError, IndexFileError, RisError, WeightsError, first_line
+from ingest import ENGINES, Collection, Settings, connect_for_queries, raw_cursor
+from ingest.errors import (
+    CollectionError,
+    ImageError,
+    IndexFileError,
+    RisError,
+    WeightsError,
+    first_line,
+)
 from search.thumbnails import thumbnail
 
 MAX_UPLOAD_MB = 20  # largest upload accepted unless --max-upload-mb says otherwise; a phone photo is 2-8 MB
@@ -208,10 +215,11 @@ def page_html() -> str:
 
 def create_app(settings: Settings | None = None, db=None, *, collection: str | None = None,
                max_upload_mb: float = MAX_UPLOAD_MB) -> FastAPI:
-    """The app for one server process: settings from RIS_HOME / DATABASE_URL unless given, the database opened
-    now (a missing collection fails here, before the server listens)."""
+    """The app for one server process: settings from RIS_HOME / DATABASE_URL / DATABASE_READ_URL unless given, the
+    database opened now (a missing collection fails here, before the server listens). The server only reads, so a
+    read replica, when one is set, answers everything."""
     settings = settings or Settings.load()
-    searcher = Searcher(settings, db or connect(settings), collection, max_upload_mb)
+    searcher = Searcher(settings, db or connect_for_queries(settings), collection, max_upload_mb)
 
     @asynccontextmanager
     async def lifespan(_app):

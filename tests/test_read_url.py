@@ -11,12 +11,14 @@ import time
 
 import pytest
 import sqlalchemy as sa
+from fastapi.testclient import TestClient
 
 from ingest.config import Settings
 from ingest.db import connect, sqlalchemy_url
 from ingest.load import load_collection
 from ingest.options import open_database
 from ingest.sources import walk_folder
+from search.serve import create_app
 from tests.conftest import COLOURS, make_folder
 from tests.pg import TcpPostgres
 from tests.test_robustness import cli
@@ -87,6 +89,9 @@ def test_queries_go_to_the_replica_and_its_lag_shows_as_fewer_rows(ris_home, tmp
     similar = ("similar", "--id", "1", "-k", "100", "-c", "replicated", "--engine")
     for engine in ("pgvector", "annoy"):
         assert len(search(ris_home, primary, *similar, engine)) == 12, engine  # the replica's rows, each once
+    with TestClient(create_app(Settings.load(primary.url()), collection="replicated")) as client:  # DATABASE_READ_URL set
+        hits = client.get("/api/collections/replicated/images/1/similar", params={"k": 100, "engine": "pgvector"}).json()["hits"]
+    assert len(hits) == 12  # `search serve` reads from the replica too
 
     scalar(replica.url(), "SELECT pg_wal_replay_resume()")
     caught_up(primary, replica)
