@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import mimetypes
 import os
+import socket
 import sys
 import tempfile
 import threading
@@ -24,6 +25,7 @@ from fastapi import FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from ingest import ENGINES, Collection, Settings, connect_for_queries, raw_cursor
 from ingest.errors import (
@@ -358,10 +360,28 @@ def too_large(limit: int) -> str:
     return f"the upload is larger than the limit of {limit / (1024 * 1024):.3g} MB"
 
 
+def no_delay(transport) -> None:
+    """Send small answers at once (TCP_NODELAY). asyncio sets it only on sockets made with proto IPPROTO_TCP, and
+    the socket uvicorn binds for --workers has proto 0: there, a response written in two parts waited for the
+    client's delayed ACK, 40 ms on every kept-alive request (measured: 48 ms against 2 ms with one worker)."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class NoDelayHTTP(AutoHTTPProtocol):
+    """uvicorn's HTTP protocol, with no_delay on each connection it accepts."""
+
+    def connection_made(self, transport) -> None:
+        no_delay(transport)
+        super().connection_made(transport)
+
+
 def run(*, host: str, port: int, workers: int, collection: str | None, max_upload_mb: float | None, log_level: str = "info") -> None:
     """Serve until interrupted; workers are separate processes, each building the app through app_from_environment."""
     import uvicorn
 
     os.environ["RIS_SERVE_COLLECTION"] = collection or ""
     os.environ["RIS_SERVE_MAX_UPLOAD_MB"] = str(max_upload_mb or MAX_UPLOAD_MB)
-    uvicorn.run("search.serve:app_from_environment", factory=True, host=host, port=port, workers=workers, log_level=log_level)
+    uvicorn.run("search.serve:app_from_environment", factory=True, host=host, port=port, workers=workers, log_level=log_level,
+                http=NoDelayHTTP)

@@ -12,8 +12,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 import urllib.request
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -25,7 +25,7 @@ from ingest.collection import Collection
 from ingest.load import load_collection
 from ingest.sources import walk_folder
 from search.cli import cli as search_cli
-from search.serve import create_app
+from search.serve import create_app, no_delay
 from search.thumbnails import thumbnail_path
 from tests.conftest import make_folder
 from tests.test_images import png_announcing
@@ -262,3 +262,25 @@ def test_serve_command_with_two_workers_searches_by_id_without_tensorflow(folder
         os.killpg(server.pid, 15)
         output = server.communicate(timeout=30)[0].decode()
     assert f"Uvicorn running on http://127.0.0.1:{port}" in output and output.count("Started server process") == 2, output
+
+
+def test_connections_accepted_on_a_proto_0_socket_send_without_delay():
+    """uvicorn binds the --workers socket with proto 0, where asyncio leaves Nagle on (a 40 ms wait on each
+    kept-alive request behind the client's delayed ACK); each accepted connection gets TCP_NODELAY."""
+    listener = socket.socket(socket.AF_INET)  # as uvicorn binds it for several workers
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    client = socket.create_connection(listener.getsockname())
+    accepted, _ = listener.accept()
+    try:
+        assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
+
+        class Transport:
+            def get_extra_info(self, name):
+                return accepted if name == "socket" else None
+
+        no_delay(Transport())
+        assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    finally:
+        for s in (client, accepted, listener):
+            s.close()
