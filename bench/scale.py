@@ -231,7 +231,7 @@ def main(n, dims, clusters, raw, trees, home, json_out, step, step_args):
     home = home or Path(tempfile.mkdtemp(prefix="ris-scale-"))
     env = {**os.environ, "RIS_HOME": str(home)}
     env.pop("DATABASE_URL", None)
-    args = json.dumps({"n": n, "dims": dims, "clusters": clusters, "raw": raw, "ef": [40, 100, 200]})
+    args = json.dumps({"n": n, "dims": dims, "clusters": clusters, "raw": raw, "ef": [40, 200, 800]})
     me = [sys.executable, __file__]
     plan = [
         ("insert rows (COPY)", me + ["--step", "insert", "--args", args]),

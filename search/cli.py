@@ -39,7 +39,7 @@ def cli():
 @click.option("--exclude-self", is_flag=True, help="Leave the query image itself out of the results.")
 @click.option("--search-k", type=int, default=-1, show_default=True, help="Annoy's search_k (-1: 2 x trees x k).")
 @click.option("--ef-search", type=click.IntRange(1, 1000), default=None, metavar="N",
-              help="HNSW candidate list per query (default 200; higher: better recall, slower).")
+              help="HNSW candidate list per query (default 800; lower: faster, worse recall).")
 @click.option("--plot", type=click.Path(path_type=Path, dir_okay=False), help="Write a PNG of the query and its neighbours.")
 @collection_option
 @database_option
