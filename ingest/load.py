@@ -75,7 +75,8 @@ def prepare(candidate: Candidate, known: set[str]) -> Prepared:
     """Read and hash a file; decode it only if the collection does not hold it yet. Once decoded, its content
     counts as known, so a second copy later in the same load is not embedded again (ingest/sync.py records its path).
     Decoding threads share `known`: a content is claimed under a lock before it is decoded, so two copies read at
-    the same moment are not both embedded, and given back if it fails to decode."""
+    the same moment are not both embedded (whichever is hashed first is stored, the other recorded as its second
+    path), and given back if it fails to decode."""
     sha = None
     try:
         data = read_file(candidate.path)
