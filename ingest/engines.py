@@ -19,6 +19,7 @@ from ingest.annoy_index import METRIC, read_sidecar, sidecar_path, staleness
 from ingest.db import Database, read_only
 from ingest.errors import IndexFileError, RisError
 from ingest.filters import Filter
+from ingest.reduce import normalize
 from ingest.store import CollectionRow, raw_cursor
 
 ENGINES = ("pgvector", "annoy", "hnsw")  # exact SQL, fast approximate file, approximate index in PostgreSQL
@@ -38,6 +39,11 @@ class Hit:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def ranked(rows) -> list[Hit]:
+    """Hits from (id, path, label, distance) rows, nearest first."""
+    return [Hit(rank, r[0], r[1], r[2], float(r[3])) for rank, r in enumerate(rows, 1)]
 
 
 def run_filtered(db: Database, sql: str, params: dict, flt: Filter, *, timeout: str | None, exact: bool = False) -> list[tuple]:
@@ -70,7 +76,7 @@ class ExactSearch:
         sql = flt.scoped("id, path, label, embedding <-> %(q)s AS distance", "embedding IS NOT NULL") + " ORDER BY distance, id LIMIT %(k)s"
         params = flt.params(self.coll.id) | {"q": np.asarray(vector, dtype=np.float32), "k": k}
         rows = run_filtered(self.db, sql, params, flt, timeout=self.timeout, exact=True)
-        return [Hit(rank, r[0], r[1], r[2], float(r[3])) for rank, r in enumerate(rows, 1)]
+        return ranked(rows)
 
 
 class RawSearch:
@@ -84,14 +90,13 @@ class RawSearch:
         self.timeout = timeout
 
     def search(self, vector: np.ndarray, k: int, flt: Filter = Filter()) -> list[Hit]:
-        """`vector` is a raw feature vector (normalised here, as `ingest.reduce.normalize` does at ingest)."""
-        q = np.asarray(vector, dtype=np.float32).ravel()
-        q = q / max(float(np.linalg.norm(q)), 1e-12)
+        """`vector` is a raw feature vector, normalised here by the function ingest uses (`ingest.reduce.normalize`)."""
+        q = normalize(np.asarray(vector, dtype=np.float32).reshape(1, -1))[0]
         rows_sql = flt.scoped("id, path, label", "true")
         sql = (f"SELECT r.id, r.path, r.label, l2_normalize(f.raw) <-> %(q)s AS distance FROM ({rows_sql}) AS r"
                " JOIN features f ON f.image_id = r.id ORDER BY distance, r.id LIMIT %(k)s")
         rows = run_filtered(self.db, sql, flt.params(self.coll.id) | {"q": q, "k": k}, flt, timeout=self.timeout, exact=True)
-        return [Hit(rank, r[0], r[1], r[2], float(r[3])) for rank, r in enumerate(rows, 1)]
+        return ranked(rows)
 
 
 class AnnoySearch:
@@ -152,8 +157,9 @@ class AnnoySearch:
         --where must run read-only: at a million rows each round trip to the server costs about as much as
         the Annoy lookup itself."""
         q = np.asarray(vector, dtype=np.float32)
-        if self.sidecar_stamp() != self.opened_at:  # rebuilt since (a load passed the delta threshold): switch over
-            self.opened_at = self.sidecar_stamp()
+        stamp = self.sidecar_stamp()
+        if stamp != self.opened_at:  # rebuilt since (a load passed the delta threshold): switch over
+            self.opened_at = stamp
             self.sidecar, self.index, self.ids = self.open_checked()
             self.removed = 0
         with self.cursor(flt) as cur:
@@ -163,7 +169,7 @@ class AnnoySearch:
                     break
                 self.removed = removed  # rows removed since the build: ask the file for that many more
         merged = sorted((found.get(r[0], r[3]), r[0], r[1], r[2]) for r in rows)
-        return [Hit(rank, i, path, label, float(d)) for rank, (d, i, path, label) in enumerate(merged[:k], 1)]
+        return ranked((i, path, label, d) for d, i, path, label in merged[:k])
 
     @contextmanager
     def cursor(self, flt: Filter):
@@ -257,7 +263,7 @@ class HnswSearch:
 
     def search(self, vector: np.ndarray, k: int, flt: Filter = Filter()) -> list[Hit]:
         rows = sorted(self.run(vector, k, flt), key=lambda r: (r[3], r[0]))  # relaxed order: nearly sorted
-        return [Hit(rank, r[0], r[1], r[2], float(r[3])) for rank, r in enumerate(rows, 1)]
+        return ranked(rows)
 
     def explain(self, vector: np.ndarray, k: int, flt: Filter = Filter()) -> str:
         """The plan of exactly the query `search` runs (tests prove the index is used)."""
