@@ -33,7 +33,7 @@ from ingest.config import DEFAULT_BATCH_SIZE, Settings
 from ingest.errors import RisError
 from ingest.features import INPUT_SHAPE
 from ingest.images import DecodedImage
-from ingest.load import LoadSummary, Prepared, prepare, store_batch
+from ingest.load import LoadSummary, Prepared, first_copies, prepare, store_batch
 from ingest.sources import Candidate
 from ingest.store import absolute
 
@@ -138,7 +138,7 @@ def check_reachable_database(coll: Collection, address: str) -> None:
 
 class KnownHashes:
     """The hashes the collection stored before the load (shared by every task, never changed) plus those decoded
-    in this batch: `prepare` adds to it, and a retried task must not find its own additions."""
+    in this batch: `first_copies` adds to it, and a retried task must not find its own additions."""
 
     def __init__(self, stored: frozenset[str]):
         self.stored, self.added = stored, set()
@@ -149,16 +149,13 @@ class KnownHashes:
     def add(self, sha: str) -> None:
         self.added.add(sha)
 
-    def discard(self, sha: str) -> None:
-        self.added.discard(sha)
-
 
 def decode_batch(batch: dict, stored: frozenset[str]) -> dict:
     """A Ray task: read, hash and (if new) decode some files, as one machine's decode threads do (`prepare`).
     Text columns hold "" for None (Arrow would turn None into NaN); pixels travel as bytes, empty for a file
     stored already or failed."""
     known = KnownHashes(stored)
-    prepared = [prepare(Candidate(Path(p), label or None), known) for p, label in zip(batch["path"], batch["label"])]
+    prepared = list(first_copies((prepare(Candidate(Path(p), label or None), known) for p, label in zip(batch["path"], batch["label"])), known))
     decoded = [p.decoded for p in prepared]
     return {
         "path": batch["path"],

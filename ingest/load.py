@@ -8,7 +8,6 @@ a per-collection lock, so concurrent loads of one collection finish consistently
 from __future__ import annotations
 
 import hashlib
-import threading
 import time
 from collections import deque
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -35,7 +34,6 @@ if TYPE_CHECKING:
     from ingest.features import FeatureExtractor
 
 DEFAULT_PCA_DIMS = 128
-KNOWN_LOCK = threading.Lock()  # guards the `known` set that prepare() shares between decoding threads
 
 
 @dataclass
@@ -71,26 +69,30 @@ class Prepared:
     failure: str | None = None
 
 
-def prepare(candidate: Candidate, known: set[str]) -> Prepared:
-    """Read and hash a file; decode it only if the collection does not hold it yet. Once decoded, its content
-    counts as known, so a second copy later in the same load is not embedded again (ingest/sync.py records its path).
-    Decoding threads share `known`: a content is claimed under a lock before it is decoded, so two copies read at
-    the same moment are not both embedded (whichever is hashed first is stored, the other recorded as its second
-    path), and given back if it fails to decode."""
-    sha = None
+def prepare(candidate: Candidate, known) -> Prepared:
+    """Read and hash a file; decode it only if its content is not `known` (stored, or met earlier in this load).
+    Decoding threads only read `known`; `first_copies` adds to it, in walk order."""
     try:
         data = read_file(candidate.path)
         sha = hashlib.sha256(data).hexdigest()
-        with KNOWN_LOCK:
-            if sha in known:
-                return Prepared(candidate, sha, len(data))
-            known.add(sha)
+        if sha in known:
+            return Prepared(candidate, sha, len(data))
         return Prepared(candidate, sha, len(data), decode_image(data))
     except ImageError as e:
-        if sha is not None:
-            with KNOWN_LOCK:
-                known.discard(sha)
         return Prepared(candidate, failure=str(e))
+
+
+def first_copies(prepared: Iterable[Prepared], known) -> Iterator[Prepared]:
+    """`prepared` in walk order, where a content decoded twice (two copies read at once by two threads) is kept
+    from its first file only, the others counted as already present: each picture is embedded once and stored
+    under its first path whatever the threads' timing; ingest/sync.py records the other paths."""
+    for p in prepared:
+        if p.decoded is not None:
+            if p.sha256 in known:
+                p = Prepared(p.candidate, p.sha256, p.size)
+            else:
+                known.add(p.sha256)
+        yield p
 
 
 def bounded_map(pool: Executor, fn: Callable, items: Iterable, ahead: int) -> Iterator:
@@ -161,7 +163,7 @@ def store_here(coll: Collection, candidates: list[Candidate], known: set[str], s
     """Embed and commit batch by batch in this process while `workers` threads read and decode the next ones;
     yields (path, sha256, label) of each file of a committed batch."""
     with ThreadPoolExecutor(workers) as pool:
-        prepared = bounded_map(pool, lambda c: prepare(c, known), candidates, ahead=batch_size * 2)
+        prepared = first_copies(bounded_map(pool, lambda c: prepare(c, known), candidates, ahead=batch_size * 2), known)
         for batch in batched(prepared, batch_size):
             store_batch(coll, batch, summary)
             yield [(absolute(p.candidate.path), p.sha256, p.candidate.label) for p in batch]

@@ -169,11 +169,8 @@ def load_args(folder: Path, name: str, *extra) -> list:
 
 
 def valid_among_first(folder: Path, n: int, valid: set[str]) -> set[str]:
-    """The valid pictures among the first n files a load of folder goes through: stored once the bar shows n.
-    A picture with a copy beyond the first n is left out: the decode threads store whichever copy they read
-    first, and record the other as its second path."""
-    files = [sha256_of(c.path) for c in walk_folder(folder)[0]]
-    return (set(files[:n]) - set(files[n:])) & valid
+    """The valid pictures among the first n files a load of folder goes through: stored once the bar shows n."""
+    return {sha256_of(c.path) for c in walk_folder(folder)[0][:n]} & valid
 
 
 def collection_id(engine, name: str) -> int | None:
