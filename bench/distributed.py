@@ -35,7 +35,7 @@ def run_ray_bench(source, home, address: str, actors: int | None, weights: str, 
     import ray
 
     from ingest.db import connect
-    from ingest.features import FeatureExtractor
+    from ingest.features import extractor_for
 
     settings = Settings.load(home=home)
     db = connect(settings)
@@ -43,7 +43,7 @@ def run_ray_bench(source, home, address: str, actors: int | None, weights: str, 
     candidates, skipped = walk_folder(root, exclude_labels=EXCLUDED_CALTECH_LABELS)
     if limit_per_class:
         candidates = limit_per_label(candidates, limit_per_class)
-    extractor = FeatureExtractor(weights)
+    extractor = extractor_for(weights, models_dir=settings.models_dir)
     dims = min(DEFAULT_PCA_DIMS, len(candidates))
     cluster = distributed.Cluster(address, actors, batch_size)
     runs = {}

@@ -1,16 +1,16 @@
-"""How fast is `ingest load`, next to the model alone and next to the naive way?
+"""How fast is the forward pass on each runtime, and `ingest load` around it?
 
-One run on the Caltech 101 archive measures, with one model (same weights throughout):
-  load     the whole load path, `load_collection` into a fresh collection (read, hash, decode in
-           threads, batched forward pass, COPY into PostgreSQL, then PCA and the Annoy file);
-  forward  the bare batched forward pass, `FeatureExtractor.embed` on pre-decoded batches of the
-           same size, warmed up first (the first call traces and compiles);
-  naive    decode and `model.predict(x[None])` one image at a time, what weaker projects do.
-The load and the forward pass run at fp32 (the baseline) and again at bf16 (`--precisions`).
-Targets on our 2-core machines: load >= 85% of forward (decoding and storing hide behind the model),
->= 2.5x naive, and the bf16 load >= 1.25x the fp32 forward pass (AVX512_BF16 processors).
-The load is timed as `ingest load` runs it, cold model included; a breakdown
-(seconds inside the model, the database, the decode threads, PCA + Annoy) says where time went.
+One run on the Caltech 101 archive measures, with one set of weights:
+  forward  the bare batched forward pass on pre-decoded batches, warmed up: TensorFlow fp32 (what every pass ran on
+           before OpenVINO), then OpenVINO at fp32 and, where the processor offers it, at bf16;
+  load     the whole load path as `ingest load` runs it, `load_collection` into a fresh collection (read, hash and
+           decode in threads, OpenVINO's async infer queue, COPY by the writer thread, then PCA and the Annoy file),
+           at the precision `auto` picks, model start-up included, with where its time went;
+  naive    decode and TensorFlow's `model.predict(x[None])` one image at a time, what weaker projects do.
+Ratios: every forward pass over TensorFlow fp32's; the load over its own bare forward pass (target >= 85%: decoding
+and storing hide behind the model) and over the naive loop (target >= 2.5x). The first line names the processor,
+its SIMD flags and what OpenVINO says it computes. A cold `search similar` is bench/query.py; OpenVINO's answers
+against TensorFlow's on Caltech 101, bench/runtime.py.
 
 Example: python -m bench.ingest --limit-per-class 5
 """
@@ -37,7 +37,6 @@ import numpy as np
 
 from bench.distributed import ray_options
 from bench.machine import CpuWatch, cpu_model, peak_rss_mib
-from bench.precision import PRECISIONS, over_baseline_forward, parse_precisions, precision_targets, report_precisions
 from ingest import load as load_module
 from ingest import sources, store
 from ingest.caltech101 import EXCLUDED_CALTECH_LABELS, prepare_caltech101
@@ -47,32 +46,34 @@ from ingest.db import connect, stop_embedded
 from ingest.errors import ImageError, RisError
 from ingest.images import decode_image, read_file
 from ingest.load import DEFAULT_BATCH_SIZE, DEFAULT_PCA_DIMS, LoadSummary, load_collection
+from ingest.precision import CPU_BF16_FLAGS, CPU_WORKERS, choose, cpu_flags, hardware
 
-DEFAULT_SOURCE = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "caltech101" / "101_ObjectCategories.tar.gz"
-FORWARD_TARGET = 0.85  # load images/s over bare forward images/s, at least
+FORWARD_TARGET = 0.85  # load images/s over its own bare forward images/s, at least
 NAIVE_TARGET = 2.5  # load images/s over per-image predict images/s, at least
 NOISY_NEIGHBOURS = 0.25  # cores other processes may use on average before the figures are called unreliable
+SIMD_FLAGS = ("avx2", "avx512f", "avx512_vnni", *CPU_BF16_FLAGS, "amx_tile", "amx_int8")
+BASELINE = "tensorflow fp32"
 # (object, attribute) of each stage timed: looked up at call time, so wrapping the attribute times every call.
-LOAD_STAGES = {"prepare": load_module, "store_batch": load_module, "insert_images": store, "record_failures": store,
-               "finish": Collection}
+LOAD_STAGES = {"prepare": load_module, "embed_batch": load_module, "write_batch": load_module, "insert_images": store,
+               "record_failures": store, "finish": Collection}
 
 
 # --- the machine ---------------------------------------------------------------------------------
 
 
 def machine() -> dict:
-    """CPU model, cores and library versions: figures mean little without them. Call after TensorFlow is imported."""
-    import keras
-    import PIL
+    """Processor, its SIMD flags and OpenVINO's view of it, cores and library versions: figures mean little without them."""
+    from importlib import metadata
 
-    tf = sys.modules["tensorflow"]
+    import openvino
+
+    core = openvino.Core()
     return {
-        "cpu": cpu_model(), "cores": os.cpu_count(),
-        "usable_cores": len(os.sched_getaffinity(0)),
-        "python": platform.python_version(), "tensorflow": tf.__version__,
-        "keras": keras.__version__,
-        "numpy": np.__version__,
-        "pillow": PIL.__version__,
+        "cpu": cpu_model(), "cores": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0)),
+        "cpu_flags": [f for f in SIMD_FLAGS if f in cpu_flags()],
+        "openvino_capabilities": list(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")),
+        "python": platform.python_version(), "openvino": openvino.__version__,
+        **{name: metadata.version(name) for name in ("tensorflow", "keras", "numpy", "pillow")},
     }
 
 
@@ -80,12 +81,12 @@ def machine() -> dict:
 
 
 class StageTimes:
-    """Seconds spent inside chosen functions, summed over calls; decode threads add up, so theirs is thread-seconds."""
+    """Seconds spent inside chosen functions, summed over calls; threads add up, so theirs is thread-seconds."""
 
     def __init__(self):
         self.seconds: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
-        self.first: dict[str, float] = {}  # the first call's seconds: the model's includes tracing and compiling
+        self.first: dict[str, float] = {}  # the first call's seconds
         self._lock = threading.Lock()
 
     def wrap(self, name: str, fn):
@@ -131,27 +132,20 @@ def measure_load(settings, db, name, candidates, skipped, extractor, batch_size,
     images = summary.ingested + summary.present
     s = times.seconds
     return {
-        "images": images,
-        "ingested": summary.ingested,
-        "failed": summary.failed,
-        "seconds": summary.seconds,
-        "images_per_second": summary.images_per_second,
-        "batch_size": batch_size,
-        "workers": workers,
-        "peak_rss_mib": peak_rss_mib(),
-        "peak_rss_before_mib": rss_before,
-        "cpu": watch.cores(),
+        "images": images, "ingested": summary.ingested, "failed": summary.failed, "seconds": summary.seconds,
+        "images_per_second": summary.images_per_second, "batch_size": batch_size, "workers": workers,
+        "peak_rss_mib": peak_rss_mib(), "peak_rss_before_mib": rss_before, "cpu": watch.cores(),
         "breakdown_seconds": {
             "model": s["embed"],
             "first_model_call": times.first.get("embed", 0.0),
+            "main_thread_not_in_model": summary.seconds - s["finish"] - s["embed"],  # waiting for decode or the writer
+            "writer_thread": s["write_batch"],  # beside the model: COPY and commit
             "database": s["insert_images"] + s["record_failures"],
-            "batch_other": s["store_batch"] - s["embed"] - s["insert_images"] - s["record_failures"],
             "finish_pca_annoy": s["finish"],
-            "waiting_for_decode": summary.seconds - s["store_batch"] - s["finish"],
             "decode_threads": s["prepare"],
         },
         "model_images_per_second": images / s["embed"] if s["embed"] else 0.0,
-        "batches": times.calls["store_batch"],
+        "batches": times.calls["embed_batch"],
     }
 
 
@@ -180,7 +174,7 @@ def decode_sample(candidates: list) -> tuple[np.ndarray, list, float]:
 
 
 def measure_forward(extractor, pixels: np.ndarray, batch_size: int) -> dict:
-    """FeatureExtractor.embed on ready batches, after one warm-up call per batch shape."""
+    """`embed` on ready batches, after one warm-up call per batch shape."""
     batches = [pixels[i : i + batch_size] for i in range(0, len(pixels), batch_size)]
     for shape_example in {len(b): b for b in batches}.values():
         extractor.embed(shape_example)
@@ -188,10 +182,8 @@ def measure_forward(extractor, pixels: np.ndarray, batch_size: int) -> dict:
     for batch in batches:
         extractor.embed(batch)
     seconds = time.perf_counter() - started
-    return {
-        "images": len(pixels), "seconds": seconds, "images_per_second": len(pixels) / seconds,
-        "batch_size": batch_size, "cpu": watch.cores(),
-    }
+    return {"images": len(pixels), "seconds": seconds, "images_per_second": len(pixels) / seconds, "batch_size": batch_size,
+            "cpu": watch.cores()}
 
 
 def measure_naive(model, candidates: list) -> dict:
@@ -239,65 +231,65 @@ def bench_database(settings: Settings):
             stop_embedded(settings.pgdata)
 
 
-def run_bench(source, ris_home, collection, weights, limit_per_class, batch_size, workers, sample, naive_sample, progress,
-              precisions=PRECISIONS) -> dict:
-    """Load, forward and naive at the first precision (the baseline); load (into `<collection>-<precision>`) and forward at the others."""
-    from ingest.features import FeatureExtractor
+def caltech_candidates(source, settings: Settings, limit_per_class: int | None) -> tuple[list, int]:
+    """The Caltech 101 pictures as `ingest load caltech101` finds them (extracted into the RIS_HOME once)."""
+    root = prepare_caltech101(source, settings.datasets_dir)
+    candidates, skipped = sources.walk_folder(root, exclude_labels=EXCLUDED_CALTECH_LABELS)
+    if limit_per_class:
+        candidates = sources.limit_per_label(candidates, limit_per_class)
+    if not candidates:
+        raise click.ClickException(f"no images found in {root}")
+    return candidates, skipped
 
-    result: dict = {"source": str(source), "collection": collection, "weights": weights, "limit_per_class": limit_per_class}
-    names = {p: collection if n == 0 else f"{collection}-{p}" for n, p in enumerate(precisions)}
+
+def run_bench(source, ris_home, collection, weights, limit_per_class, batch_size, workers, threads, sample, naive_sample,
+              progress) -> dict:
+    """The load on OpenVINO at `auto`'s precision, then the bare forward passes and the naive loop."""
+    from ingest.features import FeatureExtractor, build_extractor
+
+    hw = hardware()
+    precision = choose("auto", None, hw)
+    result: dict = {"source": str(source), "collection": collection, "weights": weights, "limit_per_class": limit_per_class,
+                    "machine": machine(), "precision": precision}
     with bench_home(ris_home) as home:
         settings = Settings.load(home=home)
         result["ris_home"] = None if ris_home is None else str(home)
         with bench_database(settings) as db:
-            if any(c.name in names.values() for c in Collection.all(db, settings)):
-                raise click.ClickException(
-                    f"collection {', '.join(names.values())} already exists in {home}; the bench loads into fresh ones: "
-                    "pass another --ris-home or --collection"
-                )
+            if any(c.name == collection for c in Collection.all(db, settings)):
+                raise click.ClickException(f"collection {collection} already exists in {home}; the bench loads into a fresh "
+                                           "one: pass another --ris-home or --collection")
             started = time.perf_counter()
-            root = prepare_caltech101(source, settings.datasets_dir)
-            candidates, skipped = sources.walk_folder(root, exclude_labels=EXCLUDED_CALTECH_LABELS)
-            if limit_per_class:
-                candidates = sources.limit_per_label(candidates, limit_per_class)
-            if not candidates:
-                raise click.ClickException(f"no images found in {root}")
-            result["prepare_source_seconds"] = time.perf_counter() - started
-            result["classes"] = len({c.label for c in candidates})
-
-            runs, extractors = {}, {}
-            for precision in precisions:
-                started = time.perf_counter()
-                extractors[precision] = FeatureExtractor(weights, precision)
-                runs[precision] = {"model_build_seconds": time.perf_counter() - started}
-                result.setdefault("machine", machine())
-                runs[precision]["load"] = measure_load(settings, db, names[precision], candidates, skipped, extractors[precision],
-                                                       batch_size, workers, progress)
+            candidates, skipped = caltech_candidates(source, settings, limit_per_class)
+            result["prepare_source_seconds"], result["classes"] = time.perf_counter() - started, len({c.label for c in candidates})
+            started = time.perf_counter()
+            extractor = build_extractor(weights, precision, "openvino", models_dir=settings.models_dir, threads=threads)
+            result["model_build_seconds"], result["openvino"] = time.perf_counter() - started, extractor.describe()
+            result["load"] = measure_load(settings, db, collection, candidates, skipped, extractor, batch_size, workers, progress)
 
         pixels, kept, decode_per_image = decode_sample(spread_sample(candidates, sample))
         result["decode_ms_per_image"] = decode_per_image * 1000
-        for precision in precisions:
-            runs[precision]["forward"] = measure_forward(extractors[precision], pixels, batch_size)
-        result["naive"] = measure_naive(extractors[precisions[0]].model, kept[:naive_sample])
-    result |= {"baseline_precision": precisions[0], "precisions": runs, **runs[precisions[0]]}
-    result["over_baseline_forward"] = over_baseline_forward(runs, precisions[0])
-    load_rate = result["load"]["images_per_second"]
-    result["load_over_forward"] = load_rate / result["forward"]["images_per_second"]
-    result["load_over_naive"] = load_rate / result["naive"]["images_per_second"]
-    result["load_over_forward_per_cpu_second"] = per_cpu_second(result["load"]) / per_cpu_second(result["forward"])
-    result["busiest_neighbours_cores"] = max([result["naive"]["cpu"]["other_cores"]] + [
-        run[k]["cpu"]["other_cores"] for run in runs.values() for k in ("load", "forward")])
-    result["targets"] = {
-        "load_over_forward": {"target": FORWARD_TARGET, "pass": result["load_over_forward"] >= FORWARD_TARGET},
-        "load_over_naive": {"target": NAIVE_TARGET, "pass": result["load_over_naive"] >= NAIVE_TARGET},
-    }
-    result["targets"] |= precision_targets(result["over_baseline_forward"], precisions[0])
-    return result
+        reference = FeatureExtractor(weights, "fp32")
+        forward = {BASELINE: measure_forward(reference, pixels, batch_size)}
+        for p in ("fp32", "bf16") if hw.cpu_bf16 else ("fp32",):
+            forward[f"openvino {p}"] = measure_forward(build_extractor(weights, p, "openvino", models_dir=settings.models_dir),
+                                                       pixels, batch_size)
+        result["forward"] = forward
+        result["naive"] = measure_naive(reference.model, kept[:naive_sample])
+    return result | ratios(result)
 
 
-def per_cpu_second(measurement: dict) -> float:
-    """Images per CPU-second this process used: less sensitive than images/s to what neighbours take."""
-    return measurement["images"] / measurement["cpu"]["own_cpu_seconds"]
+def ratios(r: dict) -> dict:
+    """Each forward pass over TensorFlow fp32's, the load over its own forward pass and over the naive loop, and how
+    busy other processes kept the machine meanwhile."""
+    base = r["forward"][BASELINE]["images_per_second"]
+    load, own = r["load"]["images_per_second"], r["forward"][f"openvino {r['precision']}"]["images_per_second"]
+    out = {"forward_over_tensorflow": {k: m["images_per_second"] / base for k, m in r["forward"].items()},
+           "load_over_forward": load / own, "load_over_tensorflow_forward": load / base,
+           "load_over_naive": load / r["naive"]["images_per_second"],
+           "busiest_neighbours_cores": max(m["cpu"]["other_cores"] for m in [r["load"], r["naive"], *r["forward"].values()])}
+    out["targets"] = {"load_over_forward": {"target": FORWARD_TARGET, "pass": out["load_over_forward"] >= FORWARD_TARGET},
+                      "load_over_naive": {"target": NAIVE_TARGET, "pass": out["load_over_naive"] >= NAIVE_TARGET}}
+    return out
 
 
 def cores(measurement: dict) -> str:
@@ -310,59 +302,40 @@ def verdict(passed: bool) -> str:
 
 
 def report(r: dict) -> None:
-    m, load, fwd, naive = r["machine"], r["load"], r["forward"], r["naive"]
+    m, load, naive = r["machine"], r["load"], r["naive"]
     b = load["breakdown_seconds"]
-    click.echo(
-        f"machine: {m['cpu']}, {m['cores']} cores ({m['usable_cores']} usable), Python {m['python']}, "
-        f"TensorFlow {m['tensorflow']}, Keras {m['keras']}, NumPy {m['numpy']}, Pillow {m['pillow']}"
-    )
+    click.echo(f"machine: {m['cpu']}, {m['cores']} cores ({m['usable_cores']} usable); flags {' '.join(m['cpu_flags']) or 'none'}; "
+               f"OpenVINO sees {', '.join(m['openvino_capabilities'])}")
+    click.echo(f"         Python {m['python']}, OpenVINO {m['openvino']}, TensorFlow {m['tensorflow']}, Keras {m['keras']}, "
+               f"NumPy {m['numpy']}, Pillow {m['pillow']}")
     limit = f", {r['limit_per_class']} per class" if r["limit_per_class"] else ""
-    click.echo(
-        f"source: {r['source']} ({load['images'] + load['failed']} images in {r['classes']} classes{limit}; "
-        f"ready in {r['prepare_source_seconds']:.1f} s); weights {r['weights']}; model built in {r['model_build_seconds']:.1f} s"
-    )
-    click.echo(
-        f"load:    {load['images']} images in {load['seconds']:.1f} s = {load['images_per_second']:.2f} images/s "
-        f"(load_collection, batch {load['batch_size']}, {load['workers']} decode threads, {load['failed']} failed)"
-    )
-    click.echo(
-        f"         model {b['model']:.1f} s ({load['model_images_per_second']:.2f} images/s inside the load; "
-        f"first batch {b['first_model_call']:.1f} s, compiling), "
-        f"database {b['database']:.1f} s, other batch work {b['batch_other']:.1f} s, "
-        f"waiting for decode {b['waiting_for_decode']:.1f} s, PCA + Annoy {b['finish_pca_annoy']:.1f} s; "
-        f"decode threads busy {b['decode_threads']:.1f} thread-s"
-    )
-    click.echo(
-        f"         {cores(load)}; peak RSS {load['peak_rss_mib']:.0f} MiB ({load['peak_rss_before_mib']:.0f} MiB before the load)"
-    )
-    click.echo(
-        f"forward: {fwd['images']} images in {fwd['seconds']:.1f} s = {fwd['images_per_second']:.2f} images/s "
-        f"(FeatureExtractor.embed, batch {fwd['batch_size']}, warm; {cores(fwd)})"
-    )
+    click.echo(f"source: {r['source']} ({load['images'] + load['failed']} images in {r['classes']} classes{limit}; ready in "
+               f"{r['prepare_source_seconds']:.1f} s); weights {r['weights']}; {r['openvino']} ready in {r['model_build_seconds']:.1f} s")
+    base = r["forward"][BASELINE]
+    for name, fwd in r["forward"].items():
+        click.echo(f"forward {name:15} {fwd['images_per_second']:7.2f} images/s = {r['forward_over_tensorflow'][name]:.2f}x "
+                   f"TensorFlow fp32 ({fwd['images']} images, batch {fwd['batch_size']}, warm; {cores(fwd)})")
+    click.echo(f"load ({r['precision']}):   {load['images']} images in {load['seconds']:.1f} s = {load['images_per_second']:.2f} images/s "
+               f"(load_collection, batch {load['batch_size']}, {load['workers']} decode threads, {load['failed']} failed)")
+    click.echo(f"         model {b['model']:.1f} s ({load['model_images_per_second']:.2f} images/s inside the load; first batch "
+               f"{b['first_model_call']:.2f} s), main thread outside the model {b['main_thread_not_in_model']:.1f} s, "
+               f"PCA + Annoy {b['finish_pca_annoy']:.1f} s; beside it: writer thread {b['writer_thread']:.1f} s "
+               f"(database {b['database']:.1f} s), decode threads {b['decode_threads']:.1f} thread-s")
+    click.echo(f"         {cores(load)}; peak RSS {load['peak_rss_mib']:.0f} MiB ({load['peak_rss_before_mib']:.0f} MiB before)")
     click.echo(f"         decoding alone: {r['decode_ms_per_image']:.1f} ms/image in one thread (read + Pillow, sample)")
-    click.echo(
-        f"naive:   {naive['images']} images in {naive['seconds']:.1f} s = {naive['images_per_second']:.2f} images/s "
-        f"(decode + model.predict(x[None]) per image; {cores(naive)})"
-    )
+    click.echo(f"naive:   {naive['images_per_second']:.2f} images/s (TensorFlow, decode + model.predict(x[None]) per image, "
+               f"{naive['images']} images; {cores(naive)})")
     t = r["targets"]
-    click.echo(
-        f"load / forward = {r['load_over_forward']:.1%} (target >= {FORWARD_TARGET:.0%}): "
-        f"{verdict(t['load_over_forward']['pass'])}"
-    )
-    click.echo(
-        f"load / naive   = {r['load_over_naive']:.2f}x (target >= {NAIVE_TARGET}x): {verdict(t['load_over_naive']['pass'])}"
-    )
-    click.echo(
-        f"per CPU-second of this process: load {per_cpu_second(load):.2f}, forward {per_cpu_second(fwd):.2f} images "
-        f"= {r['load_over_forward_per_cpu_second']:.1%}"
-    )
-    report_precisions(r)
+    click.echo(f"load / its forward pass   = {r['load_over_forward']:.1%} (target >= {FORWARD_TARGET:.0%}): "
+               f"{verdict(t['load_over_forward']['pass'])}")
+    click.echo(f"load / TensorFlow forward = {r['load_over_tensorflow_forward']:.2f}x ({base['images_per_second']:.2f} images/s)")
+    click.echo(f"load / naive              = {r['load_over_naive']:.2f}x (target >= {NAIVE_TARGET}x): {verdict(t['load_over_naive']['pass'])}")
     if r["busiest_neighbours_cores"] > NOISY_NEIGHBOURS:
-        click.echo(
-            f"warning: other processes kept up to {r['busiest_neighbours_cores']:.2f} of {m['usable_cores']} cores busy "
-            "during a measurement; images/s and their ratios are not comparable: rerun on a quiet machine",
-            err=True,
-        )
+        click.echo(f"warning: other processes kept up to {r['busiest_neighbours_cores']:.2f} of {m['usable_cores']} cores busy "
+                   "during a measurement; images/s and their ratios are not comparable: rerun on a quiet machine", err=True)
+
+
+DEFAULT_SOURCE = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "caltech101" / "101_ObjectCategories.tar.gz"
 
 
 @click.command()
@@ -373,21 +346,20 @@ def report(r: dict) -> None:
 @click.option("--weights", default="random", show_default=True, metavar="imagenet|random|PATH")
 @click.option("--limit-per-class", type=click.IntRange(1), metavar="N", help="At most N images per class (quick runs).")
 @click.option("--batch-size", type=click.IntRange(1, 1024), default=DEFAULT_BATCH_SIZE, show_default=True)
-@click.option("--workers", type=click.IntRange(1), default=2, show_default=True, help="Decode threads of the load.")
-@click.option("--sample", type=click.IntRange(1), default=256, show_default=True, help="Images for the bare forward pass.")
+@click.option("--workers", type=click.IntRange(1), default=CPU_WORKERS, show_default=True, help="Decode threads of the load.")
+@click.option("--threads", type=click.IntRange(1), metavar="N", help="OpenVINO inference threads of the load (default: every core).")
+@click.option("--sample", type=click.IntRange(1), default=256, show_default=True, help="Images for the bare forward passes.")
 @click.option("--naive-sample", type=click.IntRange(1), default=100, show_default=True, help="Images for the per-image predict loop.")
-@click.option("--precisions", default=",".join(PRECISIONS), show_default=True, metavar="P,P",
-              help="Precisions to load and forward at (fp32, bf16); the first is the baseline of every ratio.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for programs.")
 @ray_options
-def main(source, ris_home, collection, weights, limit_per_class, batch_size, workers, sample, naive_sample, precisions, as_json):
-    """Images/s of `ingest load` against the bare batched forward pass and a per-image predict loop, with PASS/FAIL.
+def main(source, ris_home, collection, weights, limit_per_class, batch_size, workers, threads, sample, naive_sample, as_json):
+    """Images/s of the bare forward pass on TensorFlow and OpenVINO, and of `ingest load`, with PASS/FAIL.
 
     Example: python -m bench.ingest --limit-per-class 5 --json
     """
     try:
-        result = run_bench(source, ris_home, collection, weights, limit_per_class, batch_size, workers, sample, naive_sample, not as_json,
-                           parse_precisions(precisions))
+        result = run_bench(source, ris_home, collection, weights, limit_per_class, batch_size, workers, threads, sample,
+                           naive_sample, not as_json)
     except RisError as e:
         raise click.ClickException(str(e)) from None
     if as_json:

@@ -26,7 +26,7 @@ from ingest.options import open_database  # noqa: E402
 from search.evaluation import exact_neighbours  # noqa: E402
 
 PRECISIONS = ("fp32", "bf16")  # bench/ingest.py's: the first is the baseline every ratio is taken against
-BF16_TARGET = 1.25  # bf16 load images/s over the fp32 bare forward pass's, at least (issue 15, AVX512_BF16 machines)
+BF16_TARGET = 1.25  # bf16 load images/s over the fp32 bare forward pass's, at least (the goal on AVX512_BF16 machines)
 SPACES = {"embedding": "PCA embeddings (what search ranks by)", "raw": "raw 2048 features"}
 
 
@@ -92,7 +92,7 @@ def over_baseline_forward(runs: dict, base: str) -> dict:
 
 
 def precision_targets(ratios: dict, base: str) -> dict:
-    """The bf16 target of issue 15, when bf16 ran against another baseline."""
+    """The bf16 goal (BF16_TARGET), when bf16 ran against another baseline."""
     if "bf16" not in ratios or base == "bf16":
         return {}
     return {"bf16_load_over_forward": {"target": BF16_TARGET, "pass": ratios["bf16"]["load"] >= BF16_TARGET}}

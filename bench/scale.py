@@ -134,16 +134,18 @@ def step_queries(args: dict) -> dict:
         top = np.argpartition(d, K)[:K]
         return ids[top[np.argsort(d[top])]].tolist()
 
+    from ingest.engines import EngineName
+
     truth, brute_ms = timed(brute, qs)
-    engines = {"pgvector exact (SQL)": dict(engine="pgvector"), "annoy (file + delta + rows)": dict(engine="annoy")}
-    engines |= {f"hnsw ef_search={ef}": dict(engine="hnsw", ef_search=ef) for ef in args["ef"]}
+    engines = {"pgvector exact (SQL)": dict(engine=EngineName.PGVECTOR), "annoy (file + delta + rows)": dict(engine=EngineName.ANNOY)}
+    engines |= {f"hnsw ef_search={ef}": dict(engine=EngineName.HNSW, ef_search=ef) for ef in args["ef"]}
     rows = [summary("numpy brute force (baseline)", brute_ms, 1.0, brute_ms)]
     for name, opts in engines.items():
         coll.similar(qs[0], K, **opts)  # open the engine (Annoy mmap, HNSW check) outside the timing
         found, ms = timed(lambda q: [h.id for h in coll.similar(q, K, **opts)], qs)
         rows.append(summary(name, ms, recall(found, truth), brute_ms))
     label = "c7"
-    found, ms = timed(lambda q: coll.similar(q, K, engine="hnsw", label=label, ef_search=args["ef"][-1]), qs)
+    found, ms = timed(lambda q: coll.similar(q, K, engine=EngineName.HNSW, label=label, ef_search=args["ef"][-1]), qs)
     filtered = summary(f"hnsw label={label} (1% of rows)", ms, None, brute_ms)
     filtered["queries_with_k_results"] = sum(len(f) == K and all(h.label == label for h in f) for f in found)
     return {"engines": rows + [filtered]}
@@ -163,6 +165,7 @@ def step_add(args: dict) -> dict:
     """Store 100 rows as a load's batch does, run the load's end (`finish`), and time until annoy and hnsw
     both return every new row for its own vector."""
     from ingest import store
+    from ingest.engines import EngineName
 
     coll = open_collection()
     vectors, _ = clustered(100, coll.dims, 1, seed=99)
@@ -174,11 +177,11 @@ def step_add(args: dict) -> dict:
     coll.finish()
     coll.reload()
     waited = {}
-    for engine in ("annoy", "hnsw"):
+    for engine in (EngineName.ANNOY, EngineName.HNSW):
         while not all(coll.similar(v, 1, engine=engine)[0].label == "new" for v in vectors):
             time.sleep(0.1)
         waited[engine] = round(time.perf_counter() - started, 2)
-    _, ms = timed(lambda q: coll.similar(q, K, engine="annoy"), vectors[:50])
+    _, ms = timed(lambda q: coll.similar(q, K, engine=EngineName.ANNOY), vectors[:50])
     sidecar = coll.sidecar()
     return {"searchable_after_s": waited, "annoy_items": sidecar.items, "annoy_delta": coll.index_delta(10**6),
             "annoy_p50_ms_with_delta": round(float(np.percentile(ms, 50)), 3)}

@@ -28,6 +28,7 @@ from annoy import AnnoyIndex  # noqa: E402
 from bench.machine import cpu_model  # noqa: E402
 from ingest.annoy_index import ANNOY_SEED, METRIC, read_sidecar  # noqa: E402
 from ingest.collection import Collection  # noqa: E402
+from ingest.engines import EngineName  # noqa: E402
 from ingest.options import open_database  # noqa: E402
 from ingest.store import read_vectors  # noqa: E402
 from search.evaluation import brute_force, percentiles, recall, time_each  # noqa: E402
@@ -63,8 +64,8 @@ def main(collection, queries, seed, database_url, as_json):
     vectors64 = vectors.astype(np.float64)  # once, as a baseline that keeps its data ready would
     brute, brute_ms = time_each(lambda q: brute_force(ids, vectors64, q, K)[0].tolist(), qs)
     exact, pg_ms = time_each(lambda q: [h.id for h in coll.similar(q, K)], qs)
-    _, annoy_full_ms = time_each(lambda q: [h.id for h in coll.similar(q, K, engine="annoy")], qs)
-    file_index = coll.engine("annoy")
+    _, annoy_full_ms = time_each(lambda q: [h.id for h in coll.similar(q, K, engine=EngineName.ANNOY)], qs)
+    file_index = coll.engine(EngineName.ANNOY)
     annoy_ids, annoy_ms = time_each(lambda q: file_index.ids_near(q, K), qs)
 
     rows = [

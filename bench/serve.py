@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.machine import CpuWatch, cpu_model  # noqa: E402
 from ingest.collection import Collection  # noqa: E402
+from ingest.engines import ENGINES, EngineName  # noqa: E402
 from ingest.options import open_database  # noqa: E402
 from search.evaluation import percentiles  # noqa: E402
 
@@ -185,7 +186,7 @@ def screenshot(port: int, picture: Path, out: Path) -> None:
         browser = p.chromium.launch(executable_path=shutil.which("chromium") or "/usr/bin/chromium", args=args)
         page = browser.new_page(viewport={"width": 1100, "height": 760})
         page.goto(f"http://127.0.0.1:{port}/")
-        page.select_option("#engine", "annoy")
+        page.select_option("#engine", EngineName.ANNOY.value)
         page.set_input_files("#file", str(picture))
         try:
             expect(page.locator("#results li")).to_have_count(12, timeout=60_000)
@@ -204,7 +205,7 @@ def screenshot(port: int, picture: Path, out: Path) -> None:
 @click.option("--uploaders", default=2, show_default=True, help="Of the clients, how many upload in the mixed phase.")
 @click.option("--seconds", default=20.0, show_default=True, help="Length of each phase.")
 @click.option("--workers", default=2, show_default=True, help="search serve --workers.")
-@click.option("--engine", default="annoy", show_default=True)
+@click.option("--engine", type=click.Choice(ENGINES), default=EngineName.ANNOY.value, show_default=True)
 @click.option("-k", default=10, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--screenshot", "shot", type=click.Path(path_type=Path, dir_okay=False), help="Also save a picture of the page here.")

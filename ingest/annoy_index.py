@@ -23,6 +23,7 @@ import numpy as np
 from ingest.atomic import replacing, write_atomically
 from ingest.config import DEFAULT_TREES
 from ingest.db import Database
+from ingest.names import file_stem
 from ingest.store import CollectionRow, find_row, vector_chunks
 
 METRIC = "euclidean"
@@ -47,7 +48,8 @@ class Sidecar:
 
 
 def sidecar_path(annoy_dir: Path, collection: str) -> Path:
-    return annoy_dir / f"{collection}.json"
+    """Every file name here starts with `file_stem` of the collection's name: inside `annoy_dir` whatever the name."""
+    return annoy_dir / f"{file_stem(collection)}.json"
 
 
 def read_sidecar(annoy_dir: Path, collection: str) -> Sidecar | None:
@@ -61,15 +63,16 @@ def read_sidecar(annoy_dir: Path, collection: str) -> Sidecar | None:
 def index_path(annoy_dir: Path, collection: str) -> Path:
     """The Annoy file in use (the one the sidecar names), or where it would be if there is none."""
     sidecar = read_sidecar(annoy_dir, collection)
-    return annoy_dir / (sidecar.file if sidecar else f"{collection}.ann")
+    return annoy_dir / (sidecar.file if sidecar else f"{file_stem(collection)}.ann")
 
 
 def data_files(annoy_dir: Path, collection: str) -> list[Path]:
     """Every data file of the collection's builds, current or superseded (not other collections', whatever their names)."""
-    pattern = re.compile(rf"{re.escape(collection)}\.\d+\.(ann|ids\.npy)")
+    stem = file_stem(collection)
+    pattern = re.compile(rf"{re.escape(stem)}\.\d+\.(ann|ids\.npy)")
     if not annoy_dir.is_dir():
         return []
-    legacy = annoy_dir / f"{collection}.ann"  # the single file of builds before migration 0004 (items were images.id)
+    legacy = annoy_dir / f"{stem}.ann"  # the single file of builds before migration 0004 (items were images.id)
     return [p for p in annoy_dir.iterdir() if pattern.fullmatch(p.name)] + ([legacy] if legacy.exists() else [])
 
 
@@ -90,7 +93,7 @@ def build_index(db: Database, annoy_dir: Path, coll: CollectionRow, trees: int =
 
     with db.connect() as conn:
         state = find_row(conn, coll.name)
-    stem = f"{coll.name}.{time.time_ns()}"
+    stem = f"{file_stem(coll.name)}.{time.time_ns()}"
     ann, ids_path = annoy_dir / f"{stem}.ann", annoy_dir / f"{stem}.ids.npy"
     index = AnnoyIndex(state.pca_dims, METRIC)
     index.set_seed(ANNOY_SEED)

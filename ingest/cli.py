@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING
 
 import click
 
-from ingest.config import DEFAULT_BATCH_SIZE, DEFAULT_TREES
-from ingest.options import ErrorHandlingGroup, collection_option, database_option, json_option, open_database, precision_option, print_json
+from ingest.config import DEFAULT_BATCH_SIZE, DEFAULT_MAX_FILE_MB, DEFAULT_TREES
+from ingest.options import (ErrorHandlingGroup, collection_option, database_option, json_option, new_collection_name, open_database,
+                            precision_option, print_json, runtime_option)
 from ingest.precision import GPU_BATCH_SIZE
 
 if TYPE_CHECKING:
@@ -33,7 +34,8 @@ def load_options(f):
     """Options every `ingest load` source takes."""
     for option in reversed(
         [
-            click.option("--collection", "-c", metavar="NAME", help="Collection name (default: caltech101, or the folder's name)."),
+            click.option("--collection", "-c", metavar="NAME", callback=new_collection_name,
+                         help="Collection name: letters, digits, '.', '_', '-' (default: caltech101, or the folder's name made so)."),
             click.option("--weights", default="imagenet", show_default=True, metavar="imagenet|random|PATH",
                          help="ResNet50 weights: ImageNet (downloaded by Keras), seeded random (offline), or a local file."),
             click.option("--pca-dims", type=click.IntRange(1, 2000), metavar="N",
@@ -44,8 +46,11 @@ def load_options(f):
             click.option("--workers", type=click.IntRange(1, 256), metavar="N",
                          help="Decode threads (default 2, one per core on a GPU)."),
             precision_option,
+            runtime_option,
             click.option("--trees", type=click.IntRange(1), default=DEFAULT_TREES, show_default=True, help="Annoy trees."),
             click.option("--strict", is_flag=True, help="Exit non-zero if any file could not be ingested."),
+            click.option("--max-file-mb", type=click.IntRange(1), default=DEFAULT_MAX_FILE_MB, show_default=True, envvar="RIS_MAX_FILE_MB",
+                         metavar="MB", help="Refuse larger files unread, recorded as failures (env RIS_MAX_FILE_MB)."),
             click.option("--prune", is_flag=True, help="Forget files gone from the folder; delete pictures no file holds any more."),
             click.option("--ray", "ray_address", metavar="ADDRESS",
                          help="Embed on a Ray cluster: auto, ray://HOST:10001, HOST:6379, or local (a Ray on this machine's "
@@ -78,7 +83,7 @@ def load_caltech101(source, **options):
     if source is not None and not source.exists():
         raise SourceError(f"no such file or folder: {source}")
     path_filter = PathFilter.of(options.pop("include"), options.pop("exclude"))
-    settings, db = open_database(options.pop("database_url"))
+    settings, db = open_database(options.pop("database_url"), runtime=options.pop("runtime"))
 
     def find_candidates():
         root = prepare_caltech101(source, settings.datasets_dir)
@@ -96,23 +101,25 @@ def load_folder(path, **options):
 
     Example: ingest load folder ~/Pictures/shoes --weights random --exclude 'raw/' --prune
     """
+    from ingest.names import folder_collection_name
     from ingest.patterns import PathFilter
     from ingest.sources import walk_folder
 
     path_filter = PathFilter.of(options.pop("include"), options.pop("exclude"))
-    settings, db = open_database(options.pop("database_url"))
+    settings, db = open_database(options.pop("database_url"), runtime=options.pop("runtime"))
     found = walk_folder(path, path_filter=path_filter)
-    run_load(settings, db, options.pop("collection") or path.resolve().name, lambda: (path, *found), **options)
+    run_load(settings, db, options.pop("collection") or folder_collection_name(path), lambda: (path, *found), **options)
 
 
 def run_load(settings, db, name, find_candidates, weights, pca_dims, limit_per_class, batch_size, workers, precision, trees, strict,
-             prune, ray_address, ray_actors, as_json):
+             max_file_mb, prune, ray_address, ray_actors, as_json):
     """Shared tail of every load: build the model first, so weights that cannot be had fail before any
     download or extraction; then find the pictures, load them and bring the collection in step with the
     folder (ingest/sync.py), report. With --ray, Ray starts first: TensorFlow must not be loaded here before it."""
     from ingest.features import extractor_for
+    from ingest.images import file_size_limit
     from ingest.load import load_collection
-    from ingest.precision import plan_load
+    from ingest.precision import feeding, plan_load
     from ingest.sources import limit_per_label
 
     cluster = None
@@ -123,16 +130,18 @@ def run_load(settings, db, name, find_candidates, weights, pca_dims, limit_per_c
         cluster = distributed.Cluster(ray_address, ray_actors, batch_size)
     elif ray_actors:
         raise click.UsageError("--ray-actors needs --ray")
-    precision, feed = plan_load(db, name, precision, batch_size, workers)
+    precision, hw = plan_load(db, name, precision)
+    extractor = extractor_for(weights, precision, settings.runtime, models_dir=settings.models_dir)
+    feed = feeding(hw, precision, batch_size, workers, runtime=extractor.runtime)
     if feed.device_line:
         click.echo(feed.device_line, err=True)
-    extractor = extractor_for(weights, precision)
     root, candidates, skipped = find_candidates()
     if limit_per_class:
         candidates = limit_per_label(candidates, limit_per_class)
-    summary = load_collection(db, settings, name, candidates, extractor, pca_dims=pca_dims, batch_size=feed.batch_size,
-                              workers=feed.workers, trees=trees, skipped=skipped, progress=not as_json, root=root, prune=prune,
-                              cluster=cluster)
+    with file_size_limit(max_file_mb * 2**20):
+        summary = load_collection(db, settings, name, candidates, extractor, pca_dims=pca_dims, batch_size=feed.batch_size,
+                                  workers=feed.workers, trees=trees, skipped=skipped, progress=not as_json, root=root,
+                                  prune=prune, cluster=cluster)
     report_load(summary, as_json)
     if strict and summary.failed:
         raise click.ClickException(f"{summary.failed} file(s) could not be ingested (--strict); see table ingest_failures")
@@ -158,6 +167,42 @@ def report_load(summary: LoadSummary, as_json: bool) -> None:
     )
 
 
+@cli.command("watch")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--collection", "-c", metavar="NAME", callback=new_collection_name, help="Collection name (default: the folder's name made so).")
+@click.option("--poll", type=click.FloatRange(0.1), metavar="SECONDS", help="Scan every SECONDS instead of using inotify (network shares: 60).")
+@click.option("--debounce", type=click.FloatRange(0), default=1.0, show_default=True, metavar="SECONDS",
+              help="A batch waits for this much quiet; a file is taken once unchanged for this long.")
+@click.option("--prune", is_flag=True, help="Forget files gone from the folder; delete pictures no file holds any more.")
+@click.option("--include", multiple=True, metavar="GLOB", help="Only files matching (gitignore-like; repeatable).")
+@click.option("--exclude", multiple=True, metavar="GLOB", help="Leave out files and folders matching (repeatable).")
+@click.option("--weights", default="imagenet", show_default=True, metavar="imagenet|random|PATH", help="ResNet50 weights, as for a load.")
+@click.option("--pca-dims", type=click.IntRange(1, 2000), metavar="N", help="A new PCA's dims, and a refit's once outgrown (default 128).")
+@click.option("--batch-size", type=click.IntRange(1, 1024), metavar="N", help=f"Pictures per forward pass (default {DEFAULT_BATCH_SIZE}).")
+@click.option("--workers", type=click.IntRange(1, 256), metavar="N", help="Decode threads (default 2, one per core on a GPU).")
+@click.option("--trees", type=click.IntRange(1), default=DEFAULT_TREES, show_default=True, help="Annoy trees.")
+@click.option("--max-file-mb", type=click.IntRange(1), default=DEFAULT_MAX_FILE_MB, show_default=True, envvar="RIS_MAX_FILE_MB",
+              metavar="MB", help="Refuse larger files unread (env RIS_MAX_FILE_MB).")
+@precision_option
+@runtime_option
+@database_option
+@json_option
+def watch_command(path, include, exclude, max_file_mb, database_url, runtime, as_json, **options):
+    """Keep a collection in step with a folder as files appear, change, move and go: a load of the folder at start, then
+    of the changed files in debounced batches, one line each. Ctrl-C or SIGTERM finishes the batch in hand. docs/watch.md.
+
+    Example: ingest watch ~/Pictures/shoes --weights random --prune --exclude 'raw/'
+    """
+    from ingest.images import file_size_limit
+    from ingest.patterns import PathFilter
+    from ingest.watch import watch_folder
+
+    settings, db = open_database(database_url, runtime=runtime)
+    with file_size_limit(max_file_mb * 2**20):
+        code = watch_folder(settings, db, path, PathFilter.of(include, exclude), as_json=as_json, **options)
+    raise SystemExit(code)
+
+
 @cli.command("status")
 @database_option
 @json_option
@@ -180,7 +225,7 @@ def status_command(database_url, as_json):
             else "STALE (run `ingest index`)"
         click.echo(
             f"{c['name']}: {c['images']} images, {c['paths']} paths ({c['duplicates']} duplicate, {c['missing']} missing), "
-            f"{c['labels']} labels, {c['dims']} dims, weights {c['weights']} at {c['precision']}, "
+            f"{c['labels']} labels, {c['dims']} dims, weights {c['weights']} at {c['precision']} on {c['runtime']}, "
             f"{c['failures']} failures; annoy {annoy['items']} items, {fresh}; hnsw {'yes' if c['hnsw'] else 'no'}"
         )
     if not info["collections"]:
@@ -308,14 +353,15 @@ def db_stop():
 @click.option("--holdout", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2, show_default=True,
               help="Share of each label held out to measure loss (recorded once per run).")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--into", metavar="NAME", help="New collection for the re-embedded pictures (default: NAME-ft).")
+@click.option("--into", metavar="NAME", callback=new_collection_name, help="New collection for the re-embedded pictures (default: NAME-ft).")
 @click.option("--batch-size", type=click.IntRange(1, 1024), default=16, show_default=True)
 @click.option("--learning-rate", type=click.FloatRange(0, min_open=True), default=1e-3, show_default=True)
 @precision_option
+@runtime_option
 @database_option
 @json_option
-def finetune_command(collection, epochs, unfreeze, augment, holdout, seed, into, batch_size, learning_rate, precision, database_url,
-                     as_json):
+def finetune_command(collection, epochs, unfreeze, augment, holdout, seed, into, batch_size, learning_rate, precision, runtime,
+                     database_url, as_json):
     """Fine-tune the collection's ResNet50 on its labels, save the weights, re-embed into a new collection.
 
     Rerunning the same command resumes from the last completed epoch.
@@ -327,7 +373,7 @@ def finetune_command(collection, epochs, unfreeze, augment, holdout, seed, into,
     from ingest.collection import Collection
     from ingest.finetune import finetune
 
-    settings, db = open_database(database_url)
+    settings, db = open_database(database_url, runtime=runtime)
     name = Collection.named(db, settings, collection).name
     unfreeze = None if unfreeze == "none" else unfreeze
     summary = finetune(db, settings, name, into=into, epochs=epochs, unfreeze=unfreeze, augment=augment, holdout=holdout, seed=seed,

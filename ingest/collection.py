@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 import numpy as np
 
@@ -19,18 +19,21 @@ from ingest import hnsw, locks, store
 from ingest.annoy_index import Sidecar, build_index, index_path, read_sidecar, staleness
 from ingest.config import DEFAULT_TREES, Settings
 from ingest.db import Database
-from ingest.engines import Hit, RawSearch, make_engine
-from ingest.errors import CollectionError, ImageError, RisError
+from ingest.engines import Engine, EngineName, Hit, QueryArgs, RawSearch, engine_name, make_engine
+from ingest.errors import CollectionError, ImageError, IndexFileError, RisError
 from ingest.filters import Filter
 from ingest.images import decode_image, read_file
+from ingest.names import check_name, may_exist
 from ingest.reduce import PCA_SAMPLE, PCA_SEED, Pca, fit_pca
 
 if TYPE_CHECKING:
-    from ingest.features import FeatureExtractor
+    from ingest.features import Extractor
     from ingest.load import LoadSummary
     from ingest.sources import Candidate
 
 DEFAULT_COLLECTION = "caltech101"
+PCA_REFIT_GROWTH = 4  # `refit_due`: a PCA is refitted once the collection holds this many times the pictures it was fitted on
+PCA_REFIT_MIN_ROWS = 100  # ... and at least this many
 
 
 @dataclass(frozen=True)
@@ -48,22 +51,23 @@ class Query:
 class Collection:
     """A named set of pictures embedded by one model with one set of weights, and the PCA that reduces them."""
 
-    def __init__(self, db: Database, settings: Settings, row: store.CollectionRow, *, extractor: FeatureExtractor | None = None):
+    def __init__(self, db: Database, settings: Settings, row: store.CollectionRow, *, extractor: Extractor | None = None):
         self.db = db
         self.settings = settings
         self.row = row
         self._extractor = None
-        self._engines: dict[tuple, object] = {}
+        self._engines: dict[str, Engine] = {}  # by engine name, and 'raw'
         if extractor is not None:
             self.use_extractor(extractor, remedy="re-ingest or restore those weights")
 
     # --- opening ------------------------------------------------------------------------------------
 
     @classmethod
-    def named(cls, db: Database, settings: Settings, name: str | None = None, *, extractor: FeatureExtractor | None = None) -> "Collection":
-        """The named collection; with no name, the only collection there is, else caltech101."""
+    def named(cls, db: Database, settings: Settings, name: str | None = None, *, extractor: Extractor | None = None) -> "Collection":
+        """The named collection; with no name, the only collection there is, else caltech101. Any name is looked up
+        (collections named before names were checked stay readable); one no collection can have (a NUL) is not."""
         with db.connect() as conn:
-            row = store.find_row(conn, name) if name else None
+            row = store.find_row(conn, name) if name and may_exist(name) else None
             if row is None and not name:
                 rows = store.all_rows(conn)
                 row = rows[0] if len(rows) == 1 else store.find_row(conn, DEFAULT_COLLECTION)
@@ -75,9 +79,11 @@ class Collection:
         return cls(db, settings, row, extractor=extractor)
 
     @classmethod
-    def create(cls, db: Database, settings: Settings, name: str, extractor: FeatureExtractor, *, pca_dims: int) -> "Collection":
-        """Create the collection, or reuse it if it was built with the same weights (never mix two models' vectors)."""
-        row = store.create_row(db, name, extractor.weights, extractor.fingerprint, pca_dims, extractor.precision)
+    def create(cls, db: Database, settings: Settings, name: str, extractor: Extractor, *, pca_dims: int) -> "Collection":
+        """Create the collection, or reuse it if it was built with the same weights (never mix two models' vectors).
+        The name must be valid (ingest/names.py), also to load into an existing collection."""
+        check_name(name)
+        row = store.create_row(db, name, extractor.weights, extractor.fingerprint, pca_dims, extractor.precision, extractor.runtime)
         coll = cls(db, settings, row)
         coll.use_extractor(extractor, remedy="loading them would mix two models' vectors: use another --collection")
         return coll
@@ -117,6 +123,12 @@ class Collection:
         return self.row.precision
 
     @property
+    def runtime(self) -> str:
+        """'openvino' or 'tensorflow': what ran the CNN when the collection was created (queries use the process's
+        runtime, at the collection's precision: both runtimes give the same vectors within float rounding)."""
+        return self.row.runtime
+
+    @property
     def dims(self) -> int:
         return self.row.pca_dims
 
@@ -148,7 +160,7 @@ class Collection:
 
     # --- the model ----------------------------------------------------------------------------------
 
-    def use_extractor(self, extractor: FeatureExtractor, *, remedy: str) -> None:
+    def use_extractor(self, extractor: Extractor, *, remedy: str) -> None:
         """Embed with `extractor` from now on, if its weights and precision are the ones this collection's vectors came from."""
         from ingest.features import check_weights
         from ingest.precision import check_precision
@@ -158,12 +170,15 @@ class Collection:
         check_precision(extractor.precision, collection=self.name, recorded=self.precision, remedy=remedy)
         self._extractor = extractor
 
-    def extractor(self) -> FeatureExtractor:
-        """The collection's own model at its own precision, built once per process and checked against the recorded fingerprint."""
+    def extractor(self) -> Extractor:
+        """The collection's own model at its own precision on the settings' runtime, built once per process (for queries:
+        a load hands its own, built for batches) and checked against the recorded fingerprint."""
         if self._extractor is None:
             from ingest.features import extractor_for
 
-            self.use_extractor(extractor_for(self.weights, self.precision), remedy="re-ingest or restore those weights")
+            extractor = extractor_for(self.weights, self.precision, self.settings.runtime, models_dir=self.settings.models_dir,
+                                      latency=True)
+            self.use_extractor(extractor, remedy="re-ingest or restore those weights")
         return self._extractor
 
     def embed(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -182,14 +197,15 @@ class Collection:
 
     def finish(self, *, trees: int = DEFAULT_TREES, refit_dims: int | None = None, rebuild: bool = False,
                progress: bool = False) -> "Collection":
-        """Fit PCA if there is none (or refit with `refit_dims`), project rows that lack an embedding, and bring
-        the indexes up to date: the Annoy file is rebuilt only if it cannot answer, its delta has outgrown
-        `settings.annoy_max_delta`, or `rebuild`; an HNSW index, once asked for, is rebuilt if a refit dropped it.
-        Safe to run again at any time; one process at a time."""
+        """Fit PCA if there is none (at the planned dims, or as many as there are pictures embedded if fewer: a
+        load whose files partly failed still ends searchable) or refit with `refit_dims`, project rows that lack
+        an embedding, and bring the indexes up to date: the Annoy file is rebuilt only if it cannot answer, its
+        delta has outgrown `settings.annoy_max_delta`, or `rebuild`; an HNSW index, once asked for, is rebuilt if
+        a refit dropped it. Safe to run again at any time; one process at a time."""
         with self.db.connect() as conn, locks.holding(conn, locks.COLLECTION, of=self.id):
             self.reload()
             if self.pca is None or refit_dims is not None:
-                self.fit(refit_dims or self.dims)
+                self.fit(refit_dims or self.dims, at_most_rows=refit_dims is None)
             if self.pca is not None:  # rows stored without embeddings, or whose PCA was replaced meanwhile
                 for ids, raw in store.vector_chunks(self.db, self.id, "raw without embedding"):
                     store.write_embeddings(self.db, self.id, ids, self.pca.project(raw))
@@ -205,11 +221,14 @@ class Collection:
         """A new PCA of `dims` from the stored raw features (no CNN run), every embedding and the Annoy file rewritten."""
         return self.finish(trees=trees, refit_dims=dims)
 
-    def fit(self, dims: int) -> None:
+    def fit(self, dims: int, *, at_most_rows: bool = False) -> None:
         """Fit PCA on a seeded sample of at most PCA_SAMPLE rows' raw features (all of them in a smaller collection)
         and rewrite every embedding a chunk at a time (callers hold the collection lock). The HNSW index is
-        dropped first (rewriting every row through it would be slower than building it again in `finish`)."""
+        dropped first (rewriting every row through it would be slower than building it again in `finish`).
+        With `at_most_rows`, dims shrink to the number of rows stored if that is smaller (else it is refused)."""
         ids = store.image_ids(self.db, self.id, "raw")
+        if at_most_rows:
+            dims = min(dims, max(len(ids), 1))
         if len(ids) > PCA_SAMPLE:
             ids = np.sort(np.random.default_rng(PCA_SEED).choice(ids, PCA_SAMPLE, replace=False))
         if len(ids):
@@ -219,6 +238,24 @@ class Collection:
             hnsw.drop(self.db, self.id)
             store.save_pca(self.db, self.id, pca)
         self.reload()
+
+    def refit_due(self, dims: int) -> int | None:
+        """The dims to refit PCA to now that the collection has grown (`ingest watch` asks after each batch), or None.
+
+        A fit cut to fewer dims than `dims` because there were no more pictures than that is refitted at `dims` once
+        the collection holds `dims` pictures. Any fit is refitted once the collection holds PCA_REFIT_MIN_ROWS
+        pictures and PCA_REFIT_GROWTH times those it held at the fit (at its own dims, or as many of `dims` as there
+        are pictures if it was cut), until one was fitted on a full PCA_SAMPLE. From a dozen pictures that is a refit
+        at 100, 128, 512, 2048, ... pictures: a growing collection is refitted a logarithmic number of times."""
+        if self.pca is None:
+            return None
+        stored, at_fit = store.pca_growth(self.db, self.id)
+        cut = self.pca.dims < dims and self.pca.dims >= at_fit
+        if cut and stored >= dims:
+            return dims
+        if stored >= max(PCA_REFIT_MIN_ROWS, PCA_REFIT_GROWTH * at_fit) and at_fit < PCA_SAMPLE:
+            return min(dims, stored) if cut else self.pca.dims
+        return None
 
     def set_planned_dims(self, dims: int) -> None:
         """Settle the dims of a collection whose PCA is not fitted yet."""
@@ -263,12 +300,14 @@ class Collection:
         """id -> (path, label, sha256) of some of the collection's images (ids of other collections are left out)."""
         return store.image_details(self.db, self.id, ids)
 
-    def check_searchable(self, engine: str = "pgvector") -> None:
+    def check_searchable(self, engine: str = EngineName.PGVECTOR) -> None:
         """Refuse, before any work, what cannot answer: an empty or unfinished collection, an unknown engine,
         or (for 'annoy') a missing, stale or damaged index file. Says what to run."""
         if self.pca is None or store.count_searchable(self.db, self.id) == 0:
             raise CollectionError(f"collection {self.name!r} has no searchable images yet; run `ingest load` (or `ingest index`)")
-        self.engine(engine)
+        problem = self.engine(engine).problem()
+        if problem:
+            raise IndexFileError(problem)
 
     def query(self, *, image: Path | None = None, image_id: int | None = None, space: str = "pca") -> Query:
         """The search vector of a stored image (by id, or a file with the same content: no CNN) or of a new picture
@@ -305,20 +344,26 @@ class Collection:
             raw = vectors[0]
         return Query(found[3], found[0], found[1], found[2], raw)
 
-    def engine(self, name: str = "pgvector", *, search_k: int = -1, ef_search: int | None = None):
-        """A search engine over this collection: 'pgvector' (exact), 'annoy' (fast file plus exact delta) or
-        'hnsw' (pgvector's index). Opened once per Collection object, so repeated queries pay only for the search."""
-        key = (name, search_k, ef_search)
-        if key not in self._engines:
-            self._engines[key] = make_engine(name, self.db, self.row, self.settings.annoy_dir, search_k=search_k,
-                                             ef_search=ef_search, timeout=self.settings.statement_timeout)
-        return self._engines[key]
+    def engine(self, name: str = EngineName.PGVECTOR) -> Engine:
+        """The engine registered as `name` (ingest/engines.py), opened once per Collection object and name: knobs go with
+        each query, so repeated queries pay only for the search. Whether it can answer now is its `problem()`."""
+        name = engine_name(name)
+        if name not in self._engines:
+            self._engines[name] = make_engine(name, self.db, self.row, self.settings)
+        return self._engines[name]
 
-    def similar(self, query: Query | np.ndarray, k: int = 10, *, engine: str = "pgvector", label: str | None = None,
-                where: str | None = None, exclude: int | None = None, search_k: int = -1, ef_search: int | None = None,
+    def searcher_for(self, flt: Filter, engine: str = EngineName.PGVECTOR, *, space: str = "pca") -> Engine:
+        """The engine that answers one query: `engine` over the PCA embeddings, or exact search of the raw features.
+        The one place a query's engine is chosen: a rule such as "a selective filter goes exact" belongs here."""
+        if space == "raw":
+            return self.raw_engine(engine)
+        return self.engine(engine)
+
+    def similar(self, query: Query | np.ndarray, k: int = 10, *, engine: str = EngineName.PGVECTOR, label: str | None = None,
+                where: str | None = None, exclude: int | Iterable[int] | None = None, search_k: int = -1, ef_search: int | None = None,
                 space: str = "pca") -> list[Hit]:
         """The k images nearest to a query (or a vector of that space), filtered by label and a --where condition
-        that cannot reach beyond this collection, leaving out image `exclude`. Space 'pca' searches the stored
+        that cannot reach beyond this collection, leaving out image(s) `exclude`. Space 'pca' searches the stored
         embeddings with `engine`; 'raw' searches the 2048-d features exactly (RawSearch; no approximate engine)."""
         if k < 1:
             raise RisError(f"k must be at least 1, got {k}")
@@ -327,17 +372,17 @@ class Collection:
             raw = query.raw if isinstance(query, Query) else query
             if raw is None:
                 raise RisError("this query has no raw features; make it with Collection.query(..., space='raw')")
-            return self.raw_engine(engine).search(raw, k, flt)
+            return self.searcher_for(flt, engine, space="raw").search(raw, k, flt)
         if space != "pca":
             raise RisError(f"unknown space {space!r}; choose pca or raw")
         vector = query.vector if isinstance(query, Query) else query
-        return self.engine(engine, search_k=search_k, ef_search=ef_search).search(vector, k, flt)
+        return self.searcher_for(flt, engine).search(vector, k, flt, QueryArgs.of(search_k, ef_search))
 
-    def raw_engine(self, engine: str = "pgvector") -> RawSearch:
+    def raw_engine(self, engine: str = EngineName.PGVECTOR) -> RawSearch:
         """Exact search over the raw features; refuses an approximate engine, whose index holds PCA embeddings only."""
-        if engine != "pgvector":
+        if engine_name(engine) != EngineName.PGVECTOR:
             raise RisError(f"--space raw is exact KNN over the 2048-d features; --engine {engine} searches the PCA space only")
-        if ("raw",) not in self._engines:
-            self._engines[("raw",)] = RawSearch(self.db, self.row, timeout=self.settings.statement_timeout)
-        return self._engines[("raw",)]
+        if "raw" not in self._engines:
+            self._engines["raw"] = RawSearch(self.db, self.row, self.settings)
+        return self._engines["raw"]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -22,16 +22,18 @@ from ingest.errors import DatabaseError, first_line
 
 # The newest migration in migrations/versions; tests check it matches Alembic's head.
 # Knowing it here lets a command skip importing Alembic when the schema is already current.
-HEAD_REVISION = "0005"
-READER_ROLE = "ris_reader"  # created by migration 0001: SELECT on our tables and nothing else
+HEAD_REVISION = "0006"
 
 
 @dataclass
 class Database:
-    """A SQLAlchemy connection pool plus where it points: `kind` is "embedded", "external" or "replica" (read-only)."""
+    """A SQLAlchemy connection pool plus where it points: `kind` is "embedded", "external" or "replica" (read-only),
+    or "reader" for the pool that runs users' SQL (`reader()`). `settings` are those it was opened with."""
 
     sqlalchemy: Engine
     kind: str
+    settings: Settings | None = field(default=None, repr=False, compare=False)
+    _reader: Database | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def url(self) -> str:
@@ -45,7 +47,18 @@ class Database:
         """A connection inside a transaction that commits when the block ends (rolls back on error)."""
         return self.sqlalchemy.begin()
 
+    def reader(self) -> Database:
+        """The least-privilege pool on the same server that runs SQL users write (ingest.reader), opened on first use."""
+        if self._reader is None:
+            from ingest.reader import open_reader
+
+            self._reader = open_reader(self)
+        return self._reader
+
     def dispose(self) -> None:
+        if self._reader is not None:
+            self._reader.dispose()
+            self._reader = None
         self.sqlalchemy.dispose()
 
 
@@ -104,12 +117,15 @@ def stop_embedded(pgdata: Path) -> bool:
 def connect(settings: Settings, migrate: bool = True) -> Database:
     """Open the configured database, check it answers, and bring its schema to the newest migration."""
     if settings.database_url:
-        db = open_engine(Database(sa.create_engine(sqlalchemy_url(settings.database_url), pool_pre_ping=True), "external"))
+        db = open_engine(Database(sa.create_engine(sqlalchemy_url(settings.database_url), pool_pre_ping=True), "external", settings))
     else:
-        db = open_engine(Database(sa.create_engine(embedded_url(settings.pgdata)), "embedded"))
+        db = open_engine(Database(sa.create_engine(embedded_url(settings.pgdata)), "embedded", settings))
     if migrate and current_revision(db.sqlalchemy) != HEAD_REVISION:
         upgrade(db.sqlalchemy)
         db.dispose()  # connections opened before the extension existed do not know the vector type
+        from ingest.reader import prepare
+
+        prepare(db)  # the login users' SQL runs as, made now so a read replica has it too (ingest.reader)
     return db
 
 
@@ -119,12 +135,49 @@ def connect_for_queries(settings: Settings) -> Database:
     one at another schema revision is refused with what to do. Writes never come here."""
     if not settings.database_read_url:
         return connect(settings)
-    db = open_engine(Database(sa.create_engine(sqlalchemy_url(settings.database_read_url), pool_pre_ping=True), "replica"))
+    db = open_engine(Database(sa.create_engine(sqlalchemy_url(settings.database_read_url), pool_pre_ping=True), "replica", settings))
     revision = current_revision(db.sqlalchemy)
     if revision != HEAD_REVISION:
         raise DatabaseError(f"the read replica at {describe(db.sqlalchemy)} is at schema revision {revision or 'none'}, not "
                             f"{HEAD_REVISION}: run `ingest db upgrade` on the primary and let the replica catch up")
     return db
+
+
+def survive_restarts(db: Database, pgdata: Path) -> Database:
+    """`db` for a long-running process (search serve) on the embedded server: the pool checks each connection before
+    lending it, and a connection that finds the server gone (crashed, killed) starts it again, so the process outlives
+    its database without another command. The check costs no round trip: a pooled connection is idle, so its Unix
+    socket has nothing to read unless the server closed it or said goodbye; such a connection is replaced (SQLAlchemy
+    retries the checkout). External servers and replicas keep the pool's SELECT pre-ping (a peer across a network may
+    vanish without closing anything); the pool reconnects to them as soon as they are back."""
+    import select
+    import threading
+
+    if db.kind != "embedded":
+        return db
+    url = db.sqlalchemy.url
+    db.dispose()
+    engine = sa.create_engine(url)
+    restarting = threading.Lock()  # one restart at a time; the others then find it up
+
+    @sa.event.listens_for(engine, "checkout")
+    def lend_only_live(dbapi_connection, _record, _proxy):
+        if dbapi_connection.closed or select.select([dbapi_connection.fileno()], [], [], 0)[0]:
+            raise sa.exc.DisconnectionError("the server closed the connection")
+
+    @sa.event.listens_for(engine, "do_connect")
+    def connect_or_restart(dialect, _record, cargs, cparams):
+        try:
+            return dialect.connect(*cargs, **cparams)
+        except dialect.loaded_dbapi.OperationalError as gone:
+            with restarting:
+                try:
+                    import_pgserver().get_server(pgdata, cleanup_mode=None).start()  # a no-op if it is up again
+                except Exception:  # noqa: BLE001 - not startable yet (its old processes still exiting): the caller's 503
+                    raise gone from None
+            return dialect.connect(*cargs, **cparams)
+
+    return open_engine(Database(engine, db.kind, db.settings))
 
 
 def open_engine(db: Database) -> Database:
@@ -146,20 +199,6 @@ def register_vector_type(dbapi_connection, _record) -> None:
     if info is not None:
         register_vector_info(dbapi_connection, info)
     dbapi_connection.rollback()  # the look-up opened a transaction; hand the connection back idle
-
-
-def read_only(conn: sa.Connection, *, timeout: str | None = None) -> None:
-    """Make the connection's open transaction read-only, as the reader role where the server has it, and
-    bound its statements by `timeout` (a PostgreSQL interval such as '30s'; None or '0' means no limit).
-
-    Used for everything a user writes (search sql, --where): it can read, never change or run forever.
-    """
-    conn.execute(sa.text("SET TRANSACTION READ ONLY"))
-    conn.execute(sa.text("SELECT set_config('standard_conforming_strings', 'on', true)"))
-    if timeout:
-        conn.execute(sa.text("SELECT set_config('statement_timeout', :t, true)"), {"t": timeout})
-    if conn.execute(sa.text("SELECT to_regrole(:r) IS NOT NULL AND pg_has_role(:r, 'MEMBER')"), {"r": READER_ROLE}).scalar():
-        conn.execute(sa.text(f"SET LOCAL ROLE {READER_ROLE}"))
 
 
 def describe(sqla: Engine) -> str:

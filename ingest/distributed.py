@@ -183,30 +183,39 @@ def as_prepared(batch: dict) -> list[Prepared]:
 
 
 class Embedder:
-    """A Ray actor: the collection's ResNet50, built once (checked against the recorded fingerprint and precision),
-    and a connection pool to the primary; each call embeds one batch and commits it (`store_batch`).
+    """A Ray actor: the collection's ResNet50, built once (checked against the recorded fingerprint and precision)
+    on the driver's runtime, with OpenVINO's inference threads set to the CPUs Ray gives the actor, and a connection
+    pool to the primary; each call embeds one batch and commits it (`store_batch`).
     `for_collection` makes the class Ray starts, with what it needs as class attributes: constructor arguments
     would sit in the object store, which Ray warns about for restartable actors."""
 
     database_url: str
     home: str
     collection: str
+    runtime: str
 
     @classmethod
     def for_collection(cls, coll: Collection) -> type:
-        return type("Embedder", (cls,), {"database_url": coll.db.url, "home": str(coll.settings.home), "collection": coll.name})
+        return type("Embedder", (cls,), {"database_url": coll.db.url, "home": str(coll.settings.home), "collection": coll.name,
+                                         "runtime": coll.extractor().runtime})
 
     def __init__(self):
+        import ray
+
         from ingest.collection import Collection
         from ingest.db import connect
-        from ingest.features import quiet_tensorflow
+        from ingest.features import extractor_for, quiet_tensorflow
 
-        tf = quiet_tensorflow()
-        for gpu in tf.config.list_physical_devices("GPU"):  # share a GPU with other actors rather than take all of it
-            tf.config.experimental.set_memory_growth(gpu, True)
-        settings = Settings(home=Path(self.home), database_url=self.database_url)
+        if self.runtime == "tensorflow":
+            tf = quiet_tensorflow()
+            for gpu in tf.config.list_physical_devices("GPU"):  # share a GPU with other actors rather than take all of it
+                tf.config.experimental.set_memory_growth(gpu, True)
+        settings = Settings(home=Path(self.home), database_url=self.database_url, runtime=self.runtime)
         self.coll = Collection.named(connect(settings, migrate=False), settings, self.collection)
-        self.coll.extractor()
+        cpus = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 0))
+        extractor = extractor_for(self.coll.weights, self.coll.precision, self.runtime, models_dir=settings.models_dir,
+                                  threads=cpus or None)
+        self.coll.use_extractor(extractor, remedy="re-ingest or restore those weights")
 
     def __call__(self, batch: dict) -> dict:
         summary = LoadSummary(self.coll.name)

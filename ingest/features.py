@@ -1,8 +1,10 @@
-"""ResNet50 features: the pooled 2048-float vector of a 224x224 image.
+"""ResNet50 features: the pooled 2048-float vector of a 224x224 image, and the extractors that compute it.
 
-One extractor serves ingest and queries alike, so a query becomes a vector exactly as stored images did.
-The model runs batched inside one compiled TensorFlow function; preprocessing is part of that graph.
-TensorFlow is imported here only, and only when an extractor is built.
+The Keras model is the definition: `FeatureExtractor` runs it batched inside one compiled TensorFlow function,
+preprocessing part of that graph (the `tensorflow` runtime: NVIDIA GPUs, fine-tuning); OpenVINO runs the same
+function converted once (ingest/inference.py, the `openvino` runtime: every processor). One extractor per weights,
+precision and runtime serves ingest and queries alike (`extractor_for`), so a query becomes a vector exactly as
+stored images did. TensorFlow is imported only when a Keras model is built.
 """
 from __future__ import annotations
 
@@ -10,10 +12,11 @@ import hashlib
 import os
 import sys
 from pathlib import Path
+from typing import Callable, Protocol
 
 import numpy as np
 
-from ingest.errors import WeightsError
+from ingest.errors import RisError, WeightsError, first_line
 from ingest.images import INPUT_SIZE
 
 MODEL_NAME = "ResNet50"
@@ -36,7 +39,7 @@ def parse_weights(value: str) -> str:
 def quiet_tensorflow():
     """Import TensorFlow without its start-up chatter: its C++ side writes to fd 2 before any log level applies.
     Devices are listed here too, because the full `tensorflow` wheel tries CUDA then and logs an error on any
-    machine with the CUDA libraries but no GPU driver."""
+    machine with the CUDA libraries but no GPU driver. A missing or broken TensorFlow is one line."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if "tensorflow" in sys.modules:
         return sys.modules["tensorflow"]
@@ -48,6 +51,10 @@ def quiet_tensorflow():
             import tensorflow as tf
 
             tf.config.list_physical_devices()
+    except Exception as e:  # ImportError, or a wheel that does not match the machine
+        sys.modules.pop("tensorflow", None)
+        raise RisError(f"TensorFlow cannot be loaded ({first_line(str(e)) or type(e).__name__}); it builds the model the "
+                       f"first time its weights are used: reinstall it (pip install tensorflow)") from None
     finally:
         os.dup2(saved, 2)
         os.close(saved)
@@ -104,8 +111,11 @@ def fingerprint(model) -> str:
 
 
 class FeatureExtractor:
-    """A loaded ResNet50 and its compiled forward pass at one precision ('fp32' or 'bf16'; see ingest/precision.py).
-    Features are float32 either way. Build once per process; it costs seconds."""
+    """A loaded ResNet50 and its compiled TensorFlow forward pass at one precision ('fp32' or 'bf16'; see
+    ingest/precision.py). Features are float32 either way. Build once per process; it costs seconds.
+    `forward` (uint8 pixels in, features out, preprocessing inside) is also what OpenVINO converts."""
+
+    runtime = "tensorflow"
 
     def __init__(self, weights: str = "imagenet", precision: str = "fp32"):
         tf = quiet_tensorflow()
@@ -122,27 +132,81 @@ class FeatureExtractor:
         def forward(pixels):
             return tf.cast(model(preprocess(pixels), training=False), tf.float32)
 
-        self._forward = forward
+        self.forward = forward
 
     def embed(self, pixels: np.ndarray) -> np.ndarray:
         """(n, 224, 224, 3) uint8 RGB -> (n, 2048) float32, in one compiled call."""
         if len(pixels) == 0:
             return np.zeros((0, RAW_DIMS), np.float32)
-        return self._forward(np.ascontiguousarray(pixels, dtype=np.uint8)).numpy().astype(np.float32, copy=False)
+        return self.forward(np.ascontiguousarray(pixels, dtype=np.uint8)).numpy().astype(np.float32, copy=False)
 
 
-_extractors: dict[tuple[str, str], FeatureExtractor] = {}
+class Extractor(Protocol):
+    """What every extractor offers (FeatureExtractor, ingest.inference.OpenVinoExtractor, a test's stand-in)."""
+
+    weights: str
+    precision: str
+    runtime: str
+    fingerprint: str
+
+    def embed(self, pixels: np.ndarray) -> np.ndarray: ...
 
 
-def extractor_for(weights: str, precision: str = "fp32") -> FeatureExtractor:
+# (weights, precision) -> runtime -> the process's extractor
+_extractors: dict[tuple[str, str], dict[str, Extractor]] = {}
+
+
+def register_extractor(extractor: Extractor, runtimes: tuple[str, ...] | None = None) -> Callable[[], None]:
+    """Make `extractor` the process's one for its weights and precision on its runtime (or on each of `runtimes`: a
+    test's stand-in answers for any); `extractor_for` finds it, and registers what it builds here. Returns what
+    undoes it (whatever it replaced comes back)."""
+    registered = _extractors.setdefault((extractor.weights, extractor.precision), {})
+    keys = runtimes or (extractor.runtime,)
+    replaced = {runtime: registered.get(runtime) for runtime in keys}
+    registered.update(dict.fromkeys(keys, extractor))
+
+    def undo() -> None:
+        for runtime, before in replaced.items():
+            if registered.get(runtime) is extractor:
+                registered.pop(runtime)
+                if before is not None:
+                    registered[runtime] = before
+
+    return undo
+
+
+def extractor_for(weights: str, precision: str = "fp32", runtime: str = "auto", *, models_dir: Path | None = None,
+                  threads: int | None = None, latency: bool = False) -> Extractor:
     """The process's one extractor for these weights at this precision ('fp32' or 'bf16'; ingest.precision.choose
-    decides 'auto'): building ResNet50 costs seconds, so it is built once."""
-    if (weights, precision) in _extractors:
-        return _extractors[weights, precision]
-    key = (parse_weights(weights), precision)
-    if key not in _extractors:
-        _extractors[key] = FeatureExtractor(*key)
-    return _extractors[key]
+    decides 'auto') on this runtime (ingest.precision.choose_runtime decides 'auto'). Built once: it costs a second
+    (OpenVINO, from its cached IR in `models_dir`, default $RIS_HOME/models) or several (TensorFlow, or OpenVINO
+    the first time). `threads` caps OpenVINO's inference threads (a Ray actor's CPUs); `latency` compiles it for one
+    picture at a time (queries) rather than for batches (loads): the first build in a process decides both."""
+    from ingest.precision import choose_runtime
+
+    found = _extractors.get((weights, precision))
+    if not found:
+        weights = parse_weights(weights)
+        found = _extractors.get((weights, precision), {})
+    runtime = choose_runtime(runtime, precision)
+    if runtime in found:
+        return found[runtime]
+    extractor = build_extractor(weights, precision, runtime, models_dir=models_dir, threads=threads, latency=latency)
+    register_extractor(extractor)
+    return extractor
+
+
+def build_extractor(weights: str, precision: str, runtime: str, *, models_dir: Path | None = None,
+                    threads: int | None = None, latency: bool = False) -> Extractor:
+    """A new extractor, outside the process's registry (fine-tuning's re-embedding: its weights file is rewritten
+    by a rerun)."""
+    if runtime == "tensorflow":
+        return FeatureExtractor(weights, precision)
+    from ingest.config import Settings
+    from ingest.inference import OpenVinoExtractor
+
+    return OpenVinoExtractor(weights, precision, models_dir=models_dir or Settings.load().models_dir, threads=threads,
+                             latency=latency)
 
 
 def check_weights(fingerprint: str, weights: str, *, collection: str, recorded_weights: str, recorded_fingerprint: str,

@@ -29,6 +29,7 @@ from ingest.errors import CollectionError, WeightsError
 from ingest.features import INPUT_SHAPE
 from ingest.images import decode_image, read_file
 from ingest.load import load_collection
+from ingest.names import check_name
 from ingest.precision import choose
 from ingest.sources import Candidate
 from ingest.splits import LabelledImage, split_images
@@ -98,7 +99,7 @@ def finetune(
     check_options(epochs, unfreeze, holdout, batch_size, learning_rate)
     coll = Collection.named(db, settings, collection)
     precision = choose(precision, coll.precision)
-    into = into or f"{coll.name}-ft"
+    into = check_name(into or f"{coll.name}-ft")  # it names files under models_dir too
     if into == coll.name:
         raise CollectionError(f"--into must name a new collection, not the source {coll.name!r}")
     train, held, labels = split_images(db, coll, into, holdout, seed)
@@ -329,12 +330,15 @@ def save_backbone(backbone, path: Path) -> Path:
 
 def reembed(db: Database, settings: Settings, coll: Collection, *, into: str, weights_path: Path, backbone, precision: str,
             progress: bool) -> None:
-    """Embed every picture of the source collection with the tuned weights into collection `into` (own PCA and Annoy file).
+    """Embed every picture of the source collection with the tuned weights into collection `into` (own PCA and Annoy file),
+    on the settings' runtime (OpenVINO converts the saved weights on a processor).
 
     A new extractor, not the process's cached one: a rerun writes the same path with other weights."""
-    from ingest.features import FeatureExtractor, fingerprint
+    from ingest.features import build_extractor, fingerprint
+    from ingest.precision import choose_runtime
 
-    extractor = FeatureExtractor(str(weights_path), precision)
+    runtime = choose_runtime(settings.runtime, precision)
+    extractor = build_extractor(str(weights_path), precision, runtime, models_dir=settings.models_dir)
     if extractor.fingerprint != fingerprint(backbone):
         raise WeightsError(f"{weights_path} does not load back as the tuned backbone")
     with db.connect() as conn:

@@ -1,16 +1,17 @@
 """A load: candidate files -> decoded pixels -> ResNet50 features -> PostgreSQL, then PCA and the Annoy file.
 
-Files are read, hashed and decoded by worker threads while the model runs on the previous batch;
-each batch is committed on its own, so an interrupted load keeps what it stored and a rerun skips
-it (by sha256). The end-of-load work (`Collection.finish`: fit or apply PCA, build the index) runs under
-a per-collection lock, so concurrent loads of one collection finish consistently.
+Files are read, hashed and decoded by worker threads while the model runs on the previous batch, and a
+writer thread commits each batch (COPY) while the model runs on the next; each batch is committed on its
+own, in order, so an interrupted load keeps what it stored and a rerun skips it (by sha256). The end-of-load
+work (`Collection.finish`: fit or apply PCA, build the index) runs under a per-collection lock, so concurrent
+loads of one collection finish consistently.
 """
 from __future__ import annotations
 
 import hashlib
 import time
 from collections import deque
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -31,9 +32,10 @@ from ingest.store import ImageRow, absolute
 if TYPE_CHECKING:
     from ingest.collection import Collection
     from ingest.distributed import Cluster
-    from ingest.features import FeatureExtractor
+    from ingest.features import Extractor
 
 DEFAULT_PCA_DIMS = 128
+WRITES_AHEAD = 1  # embedded batches waiting for the writer thread besides the one it commits: bounds their memory
 
 
 @dataclass
@@ -113,7 +115,7 @@ def batched(items: Iterable, size: int) -> Iterator[list]:
 
 
 def load_collection(
-    db: Database, settings: Settings, name: str, candidates: list[Candidate], extractor: FeatureExtractor, *,
+    db: Database, settings: Settings, name: str, candidates: list[Candidate], extractor: Extractor, *,
     pca_dims: int | None = None, **options,
 ) -> LoadSummary:
     """Store every new picture of `candidates` in collection `name` (created if new), then bring its PCA and
@@ -160,44 +162,83 @@ def add_pictures(
 
 def store_here(coll: Collection, candidates: list[Candidate], known: set[str], summary: LoadSummary, batch_size: int,
                workers: int) -> Iterator[list[tuple[str, str | None, str | None]]]:
-    """Embed and commit batch by batch in this process while `workers` threads read and decode the next ones;
+    """Embed batch by batch in this process while `workers` threads read and decode the next ones and one writer
+    thread commits the previous ones, in order, each in its own transaction (the model never waits for COPY);
     yields (path, sha256, label) of each file of a committed batch."""
-    with ThreadPoolExecutor(workers) as pool:
+    with ThreadPoolExecutor(workers) as pool, ThreadPoolExecutor(1, thread_name_prefix="ris-writer") as writer:
         prepared = first_copies(bounded_map(pool, lambda c: prepare(c, known), candidates, ahead=batch_size * 2), known)
+        writing: deque = deque()
         for batch in batched(prepared, batch_size):
-            store_batch(coll, batch, summary)
-            yield [(absolute(p.candidate.path), p.sha256, p.candidate.label) for p in batch]
+            writing.append((writer.submit(write_batch, coll, embed_batch(coll, batch), summary), batch))
+            while writing and (len(writing) > WRITES_AHEAD or writing[0][0].done()):
+                yield committed(*writing.popleft())
+        while writing:
+            yield committed(*writing.popleft())
+
+
+def committed(write: Future, batch: list[Prepared]) -> list[tuple[str, str | None, str | None]]:
+    """(path, sha256, label) of each file of a batch, once its write has committed (its error raised here)."""
+    write.result()
+    return [(absolute(p.candidate.path), p.sha256, p.candidate.label) for p in batch]
 
 
 def plan_pca_dims(coll: Collection, requested: int | None, most_images: int) -> None:
     """Settle the dims of a collection whose PCA is not fitted yet, before any work.
 
     Explicit --pca-dims above the number of images there can be is refused now, not after an hour of
-    embedding; the default (128) shrinks to fit a small collection (e.g. --limit-per-class 1).
+    embedding. The default (128) is not shrunk to the candidates here: some may fail to decode, so the
+    first fit (`Collection.finish`) shrinks it to the pictures actually embedded (e.g. --limit-per-class 1).
     """
     if most_images == 0:
         return
-    dims = requested or min(DEFAULT_PCA_DIMS, most_images)
-    check_dims(dims, most_images)
+    dims = requested or DEFAULT_PCA_DIMS
+    check_dims(dims, most_images if requested else None)
     if dims != coll.dims:
         coll.set_planned_dims(dims)
 
 
 def store_batch(coll: Collection, batch: list[Prepared], summary: LoadSummary) -> None:
     """Embed the decoded pictures of a batch and commit them, with the batch's failures."""
+    write_batch(coll, embed_batch(coll, batch), summary)
+
+
+@dataclass(frozen=True)
+class EmbeddedBatch:
+    """A batch after the model: its files, the decoded ones' vectors, and the PCA version that projected them."""
+
+    batch: list[Prepared]
+    raw: np.ndarray | None = None
+    embeddings: np.ndarray | None = None
+    pca_version: int = 0
+
+    @property
+    def fresh(self) -> list[Prepared]:
+        return [p for p in self.batch if p.decoded is not None]
+
+
+def embed_batch(coll: Collection, batch: list[Prepared]) -> EmbeddedBatch:
+    """Run the model on the decoded pictures of a batch (no database work)."""
+    fresh = [p for p in batch if p.decoded is not None]
+    if not fresh:
+        return EmbeddedBatch(batch)
+    raw, embeddings = coll.embed(np.stack([p.decoded.pixels for p in fresh]))
+    return EmbeddedBatch(batch, raw, embeddings, coll.row.pca_version)
+
+
+def write_batch(coll: Collection, embedded: EmbeddedBatch, summary: LoadSummary) -> None:
+    """Commit an embedded batch and its failures, and count them into `summary`."""
+    batch, fresh = embedded.batch, embedded.fresh
     failures = [(absolute(p.candidate.path), p.failure) for p in batch if p.failure]
     store.record_failures(coll.db, coll.id, failures)
     summary.failures.extend(failures)
     summary.failed += len(failures)
-    fresh = [p for p in batch if p.decoded is not None]
     summary.present += sum(1 for p in batch if p.sha256 and p.decoded is None)
     if not fresh:
         return
-    raw, embeddings = coll.embed(np.stack([p.decoded.pixels for p in fresh]))
     rows = [
         ImageRow(absolute(p.candidate.path), p.candidate.label, p.sha256, p.decoded.width, p.decoded.height, p.size)
         for p in fresh
     ]
-    added = store.insert_images(coll.db, coll.id, rows, raw, embeddings, pca_version=coll.row.pca_version)
+    added = store.insert_images(coll.db, coll.id, rows, embedded.raw, embedded.embeddings, pca_version=embedded.pca_version)
     summary.ingested += added
     summary.present += len(fresh) - added

@@ -63,6 +63,7 @@ class Collection(Base):
     removed_rows: Mapped[int] = mapped_column(BigInteger, server_default="0")  # rows ever removed
     hnsw: Mapped[bool] = mapped_column(Boolean, server_default=sa_false())  # keep a pgvector HNSW index
     precision: Mapped[str] = mapped_column(Text, server_default="fp32")  # 'fp32' or 'bf16': how the CNN ran
+    runtime: Mapped[str] = mapped_column(Text, server_default="tensorflow")  # 'openvino' or 'tensorflow': what ran it
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 

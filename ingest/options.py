@@ -12,7 +12,7 @@ import click
 
 from ingest.config import Settings
 from ingest.errors import RisError
-from ingest.precision import PRECISIONS
+from ingest.precision import PRECISIONS, RUNTIMES
 
 database_option = click.option(
     "--database-url",
@@ -24,6 +24,14 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON f
 collection_option = click.option(
     "--collection", "-c", metavar="NAME", help="Collection name. Default: the only one, else caltech101."
 )
+
+
+def new_collection_name(ctx, param, value: str | None) -> str | None:
+    """Callback of an option naming a collection to write into: refuses, before any work, a name a new collection
+    may not have (ingest/names.py; one line, exit 1). Options naming a collection to read take any name."""
+    from ingest.names import check_name
+
+    return None if value is None else check_name(value)
 precision_option = click.option(
     "--precision",
     type=click.Choice(PRECISIONS),
@@ -33,11 +41,26 @@ precision_option = click.option(
     help="How the CNN computes (env RIS_PRECISION). auto: a collection's own; for a new one bf16 where the processor "
          "(AVX512_BF16, AMX) or GPU does it natively, else fp32.",
 )
+runtime_option = click.option(
+    "--runtime",
+    type=click.Choice(RUNTIMES),
+    default="auto",
+    show_default=True,
+    envvar="RIS_RUNTIME",
+    help="What runs the CNN (env RIS_RUNTIME). auto: OpenVINO on the processor, TensorFlow on an NVIDIA GPU.",
+)
 read_url_option = click.option(
     "--read-url",
     envvar="DATABASE_READ_URL",
     metavar="URL",
     help="A read-only replica that answers the queries (env DATABASE_READ_URL); writes still go to --database-url.",
+)
+reader_url_option = click.option(
+    "--reader-url",
+    envvar="DATABASE_READER_URL",
+    metavar="URL",
+    help="The least-privilege login that runs your SQL (--where, search sql) (env DATABASE_READER_URL). "
+         "Default: a login the tool makes, with credentials in $RIS_HOME/reader.json.",
 )
 timeout_option = click.option(
     "--statement-timeout",
@@ -47,12 +70,18 @@ timeout_option = click.option(
 )
 
 
-def open_database(database_url: str | None, statement_timeout: str | None = None, *, read_url: str | None = None):
+def open_database(database_url: str | None, statement_timeout: str | None = None, *, read_url: str | None = None,
+                  reader_url: str | None = None, runtime: str | None = None):
     """Settings from the flags/environment, and a migrated database; for a command that only reads and has a
-    `read_url` (--read-url / DATABASE_READ_URL), that replica instead (ingest.db.connect_for_queries)."""
+    `read_url` (--read-url / DATABASE_READ_URL), that replica instead (ingest.db.connect_for_queries).
+    `reader_url` (--reader-url / DATABASE_READER_URL) is the login users' SQL runs as (ingest.reader).
+    `runtime` (--runtime / RIS_RUNTIME) is what runs the CNN for the command's collections."""
+    from dataclasses import replace
+
     from ingest.db import connect, connect_for_queries
 
-    settings = Settings.load(database_url, statement_timeout=statement_timeout, read_url=read_url)
+    settings = Settings.load(database_url, statement_timeout=statement_timeout, read_url=read_url, reader_url=reader_url)
+    settings = replace(settings, runtime=runtime) if runtime else settings
     return settings, (connect_for_queries(settings) if read_url else connect(settings))
 
 
@@ -61,7 +90,9 @@ def print_json(value) -> None:
 
 
 def to_json(value):
-    """What json cannot encode itself: vectors and arrays become lists, Decimals floats, the rest text."""
+    """What json cannot encode itself: vectors and arrays become lists, Decimals floats, bytea hex (\\x...), the rest text."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return "\\x" + bytes(value).hex()
     if hasattr(value, "to_numpy"):  # pgvector's Vector
         value = value.to_numpy()
     if hasattr(value, "tolist"):  # numpy arrays and scalars

@@ -54,9 +54,11 @@ def images_by_sha(db: Database, collection_id: int, hashes: list[str]) -> dict[s
         return {r.sha256: (r.id, r.path) for r in rows}
 
 
-def failure_paths(db: Database, collection_id: int, under: str) -> list[str]:
+def failure_paths(db: Database, collection_id: int, under: str, *, outside: bool = False) -> list[str]:
+    """Paths of the collection's recorded failures under a folder (or, with `outside`, everywhere else)."""
+    where = "NOT starts_with(path, :u)" if outside else "starts_with(path, :u)"
     with db.connect() as conn:
-        return list(conn.execute(sa.text("SELECT path FROM ingest_failures WHERE collection_id = :c AND starts_with(path, :u)"),
+        return list(conn.execute(sa.text(f"SELECT path FROM ingest_failures WHERE collection_id = :c AND {where}"),
                                  {"c": collection_id, "u": under.rstrip(os.sep) + os.sep}).scalars())
 
 

@@ -1,14 +1,17 @@
-"""How the CNN runs: at which precision (fp32 or bf16) and on what (the processor or a GPU).
+"""How the CNN runs: on which runtime (OpenVINO or TensorFlow), at which precision (fp32 or bf16), on what.
 
+Every forward pass on a processor runs on OpenVINO; TensorFlow defines and converts the model (ingest/ir_cache.py),
+fine-tunes it, and runs it on NVIDIA GPUs. `--runtime auto` picks accordingly (`choose_runtime`).
 bf16 roughly halves the work of each multiply where the hardware does it natively (AVX512_BF16 or AMX on
 the processor, a GPU of compute capability 8.0 or more) and is slower than fp32 where it is emulated, so
 `auto` asks the hardware. A collection records the precision its vectors were made at: `auto` then means
 the collection's own, and only a new collection is decided by the hardware (`choose`).
 A GPU also changes how a load is fed (`feeding`): a larger batch and a decode thread per core.
-TensorFlow is imported only by `hardware`, and only to list GPUs.
+Nothing here imports TensorFlow unless the machine has an NVIDIA GPU (whose compute capability only it reports).
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,18 +20,20 @@ from ingest.config import DEFAULT_BATCH_SIZE
 from ingest.errors import RisError, WeightsError
 
 PRECISIONS = ("auto", "fp32", "bf16")
+RUNTIMES = ("auto", "openvino", "tensorflow")
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of native bf16 arithmetic
+NVIDIA_GPUS = Path("/proc/driver/nvidia/gpus")  # one folder per GPU the NVIDIA driver drives
 GPU_BF16_CAPABILITY = (8, 0)  # Ampere and later compute bf16 natively
 GPU_BATCH_SIZE = 128  # a GPU runs ResNet50 thousands of images/s; 32 a batch would leave it waiting on each call
-CPU_WORKERS = 2  # decode threads beside the model on a processor: the model takes the other cores
+CPU_WORKERS = 2  # decode threads beside the model on a processor (bench/ingest.py measured the split on 2 cores)
 
 
 @dataclass(frozen=True)
 class Hardware:
     """What `auto` and a load's feeding are decided from."""
 
-    cpu_bf16: bool = False
-    gpus: tuple[str, ...] = ()  # device names TensorFlow sees
+    cpu_bf16: bool = False  # the processor computes bf16 natively (as OpenVINO reports it; else its cpuinfo flags)
+    gpus: tuple[str, ...] = ()  # NVIDIA GPUs the driver lists
     gpu_bf16: bool = False
 
     @property
@@ -50,18 +55,51 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
     return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.partition(":")[2].split()}
 
 
-def hardware() -> Hardware:
-    """The processor's bf16 support and the GPUs TensorFlow sees. The one place that looks; tests replace it."""
+@functools.cache
+def openvino_cpu_bf16() -> bool | None:
+    """Whether OpenVINO's CPU plugin computes bf16 here (its OPTIMIZATION_CAPABILITIES), None if it cannot load."""
+    try:
+        import openvino
+
+        return "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    except Exception:  # a missing or broken OpenVINO: ingest.inference says so when it is needed
+        return None
+
+
+def nvidia_gpus(root: Path = NVIDIA_GPUS) -> tuple[str, ...]:
+    """The model name of each GPU the NVIDIA driver lists (its /proc files), read without starting CUDA."""
+    try:
+        folders = sorted(p for p in root.iterdir() if p.is_dir())
+    except OSError:
+        return ()
+    names = []
+    for folder in folders:
+        try:
+            info = (folder / "information").read_text()
+        except OSError:
+            info = ""
+        model = next((line.partition(":")[2].strip() for line in info.splitlines() if line.startswith("Model:")), "")
+        names.append(model or folder.name)
+    return tuple(names)
+
+
+def gpu_capabilities_bf16() -> bool:
+    """Every GPU TensorFlow sees computes bf16 natively; TensorFlow is what runs on them, so asking it costs nothing extra."""
     from ingest.features import quiet_tensorflow
 
     tf = quiet_tensorflow()
     gpus = tf.config.list_physical_devices("GPU")
     capabilities = [tf.config.experimental.get_device_details(g).get("compute_capability") or (0, 0) for g in gpus]
-    return Hardware(
-        cpu_bf16=any(flag in cpu_flags() for flag in CPU_BF16_FLAGS),
-        gpus=tuple(g.name for g in gpus),
-        gpu_bf16=bool(gpus) and all(tuple(c) >= GPU_BF16_CAPABILITY for c in capabilities),
-    )
+    return bool(gpus) and all(tuple(c) >= GPU_BF16_CAPABILITY for c in capabilities)
+
+
+def hardware() -> Hardware:
+    """The processor's bf16 support and the NVIDIA GPUs. The one place that looks; tests replace it."""
+    cpu_bf16 = openvino_cpu_bf16()
+    if cpu_bf16 is None:
+        cpu_bf16 = any(flag in cpu_flags() for flag in CPU_BF16_FLAGS)
+    gpus = nvidia_gpus()
+    return Hardware(cpu_bf16=cpu_bf16, gpus=gpus, gpu_bf16=bool(gpus) and gpu_capabilities_bf16())
 
 
 def check(precision: str) -> str:
@@ -81,6 +119,23 @@ def choose(requested: str, recorded: str | None, hw: Hardware | None = None) -> 
     return "bf16" if (hw or hardware()).native_bf16 else "fp32"
 
 
+def choose_runtime(requested: str, precision: str, hw: Hardware | None = None) -> str:
+    """'openvino' or 'tensorflow' for a forward pass at `precision`: as asked; for `auto`, TensorFlow on NVIDIA
+    GPUs, OpenVINO on processors, except bf16 on a processor OpenVINO computes no bf16 on (TensorFlow emulates it,
+    so a bf16 collection stays bf16 wherever it is queried). OpenVINO asked for bf16 there is refused."""
+    if requested not in RUNTIMES:
+        raise RisError(f"runtime must be one of {', '.join(RUNTIMES)}, got {requested!r}")
+    if requested == "tensorflow":
+        return requested
+    hw = hw or hardware()
+    if requested == "auto":
+        return "tensorflow" if hw.gpus or (precision == "bf16" and not hw.cpu_bf16) else "openvino"
+    if precision == "bf16" and not hw.cpu_bf16:
+        raise RisError("OpenVINO computes bf16 only on processors that do it natively (AVX512_BF16, AMX), and this one "
+                       "does not; use --runtime tensorflow (emulated, slower) or --precision fp32 for a new collection")
+    return "openvino"
+
+
 def check_precision(precision: str, *, collection: str, recorded: str, remedy: str) -> None:
     """Refuse a precision other than the one a collection's vectors were made at: loads never mix the two."""
     if precision != recorded:
@@ -97,18 +152,19 @@ class Feeding:
     device_line: str | None = None
 
 
-def feeding(hw: Hardware, precision: str, batch_size: int | None = None, workers: int | None = None) -> Feeding:
-    """On a GPU: batches of GPU_BATCH_SIZE and a decode thread per core, said on the load's first line;
-    on a processor: the defaults. Explicit --batch-size and --workers win either way."""
-    if not hw.gpus:
+def feeding(hw: Hardware, precision: str, batch_size: int | None = None, workers: int | None = None,
+            runtime: str = "openvino") -> Feeding:
+    """With TensorFlow on a GPU: batches of GPU_BATCH_SIZE and a decode thread per core, said on the load's first
+    line; on a processor: the defaults. Explicit --batch-size and --workers win either way."""
+    if not hw.gpus or runtime != "tensorflow":
         return Feeding(batch_size or DEFAULT_BATCH_SIZE, workers or CPU_WORKERS)
     batch, threads = batch_size or GPU_BATCH_SIZE, workers or os.cpu_count() or CPU_WORKERS
     return Feeding(batch, threads, f"using {hw.describe()}: {precision}, batch {batch}, {threads} decode threads")
 
 
-def plan_load(db, name: str, requested: str, batch_size: int | None = None, workers: int | None = None) -> tuple[str, Feeding]:
-    """The precision and feeding of a load into collection `name`, refusing at once (before a model is built or an
-    archive unpacked) a precision other than the one an existing collection was built at."""
+def plan_load(db, name: str, requested: str) -> tuple[str, Hardware]:
+    """The precision of a load into collection `name`, and the hardware it was decided on, refusing at once (before
+    a model is built or an archive unpacked) a precision other than the one an existing collection was built at."""
     from ingest import store
 
     with db.connect() as conn:
@@ -118,4 +174,4 @@ def plan_load(db, name: str, requested: str, batch_size: int | None = None, work
     precision = choose(requested, recorded, hw)
     if recorded is not None:
         check_precision(precision, collection=name, recorded=recorded, remedy="use another --collection for other vectors")
-    return precision, feeding(hw, precision, batch_size, workers)
+    return precision, hw

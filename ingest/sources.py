@@ -24,7 +24,7 @@ from ingest.patterns import PathFilter
 class Candidate:
     """A file that looks like an image by its name; decoding decides later whether it is one."""
 
-    path: Path  # absolute, as found under root (symlinks are not resolved)
+    path: Path  # absolute, under the root's real path; a file symlink under it is not resolved
     label: str | None  # parent folder relative to root, posix style; None directly in root
 
 
@@ -35,6 +35,9 @@ def walk_folder(root: Path, exclude_labels: frozenset[str] = frozenset(), path_f
     """List the image files under root, sorted by path so two loads of the same folder agree.
 
     Returns (candidates, skipped): skipped counts the other files, so a user sees how much was ignored.
+    The root is resolved to its real path first, so a folder reached through a symlink (or a symlinked parent)
+    is recorded as the same folder whichever way it is named (ingest/sync.py recognises paths recorded
+    through a symlink before this was so).
     Hidden entries are skipped silently (macOS and git litter), directory symlinks are not followed
     (a loop cannot hang the walk), file symlinks are kept even when dangling (decoding records why they
     fail). Top-level folders named in exclude_labels are left out entirely, and so is what `path_filter`
@@ -45,7 +48,7 @@ def walk_folder(root: Path, exclude_labels: frozenset[str] = frozenset(), path_f
         raise SourceError(f"source folder {root} does not exist")
     if not root.is_dir():
         raise SourceError(f"source {root} is not a folder")
-    root = Path(os.path.abspath(root))
+    root = root.resolve()
     candidates: list[Candidate] = []
     skipped = 0
     pending = [root]

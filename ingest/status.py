@@ -42,6 +42,7 @@ def status(db: Database, settings: Settings) -> dict:
                 "dims": coll.dims,
                 "weights": coll.weights,
                 "precision": coll.precision,
+                "runtime": coll.runtime,
                 "failures": row.failures,
                 **files(db, coll.id),
                 "annoy": {"path": str(coll.annoy_path), "items": sidecar.items if sidecar else 0, "fresh": coll.index_problem() is None,

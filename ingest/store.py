@@ -37,6 +37,7 @@ class CollectionRow:
     removed_rows: int = 0  # rows ever removed from the collection
     hnsw: bool = False  # a pgvector HNSW index is kept for it
     precision: str = "fp32"  # how the CNN ran: 'fp32' or 'bf16'
+    runtime: str = "tensorflow"  # what ran it: 'openvino' or 'tensorflow'
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ class ImageRow:
 
 
 COLLECTION_COLUMNS = ("id, name, model, weights, weights_fingerprint, pca_dims, pca_version, pca_mean, pca_components, "
-                      "pca_explained_variance, embedding_seq, removed_rows, hnsw, precision")
+                      "pca_explained_variance, embedding_seq, removed_rows, hnsw, precision, runtime")
 
 # What `vector_chunks` can read; every query is restricted to one collection by a bound id.
 VECTOR_QUERIES = {
@@ -77,7 +78,7 @@ def as_array(value) -> np.ndarray:
 def to_row(row) -> CollectionRow:
     pca = Pca.from_bytes(row.pca_mean, row.pca_components, row.pca_explained_variance) if row.pca_mean else None
     return CollectionRow(row.id, row.name, row.model, row.weights, row.weights_fingerprint, row.pca_dims, row.pca_version, pca,
-                         row.embedding_seq, row.removed_rows, row.hnsw, row.precision)
+                         row.embedding_seq, row.removed_rows, row.hnsw, row.precision, row.runtime)
 
 
 def find_row(conn: Connection, name: str) -> CollectionRow | None:
@@ -89,15 +90,16 @@ def all_rows(conn: Connection) -> list[CollectionRow]:
     return [to_row(r) for r in conn.execute(sa.text(f"SELECT {COLLECTION_COLUMNS} FROM collections ORDER BY name"))]
 
 
-def create_row(db: Database, name: str, weights: str, fingerprint: str, pca_dims: int, precision: str = "fp32") -> CollectionRow:
+def create_row(db: Database, name: str, weights: str, fingerprint: str, pca_dims: int, precision: str = "fp32",
+               runtime: str = "openvino") -> CollectionRow:
     """Insert the collection if it is new; either way return the row as stored (its weights and precision may differ)."""
     with db.begin() as conn:
         conn.execute(
             sa.text(
-                "INSERT INTO collections (name, model, weights, weights_fingerprint, pca_dims, precision) "
-                "VALUES (:n, :m, :w, :f, :d, :p) ON CONFLICT (name) DO NOTHING"
+                "INSERT INTO collections (name, model, weights, weights_fingerprint, pca_dims, precision, runtime) "
+                "VALUES (:n, :m, :w, :f, :d, :p, :r) ON CONFLICT (name) DO NOTHING"
             ),
-            {"n": name, "m": MODEL_NAME, "w": weights, "f": fingerprint, "d": pca_dims, "p": precision},
+            {"n": name, "m": MODEL_NAME, "w": weights, "f": fingerprint, "d": pca_dims, "p": precision, "r": runtime},
         )
         return find_row(conn, name)
 
@@ -360,3 +362,13 @@ def count_searchable(db: Database, collection_id: int) -> int:
 def absolute(path: Path) -> str:
     """Stored paths are absolute so that reports and grids can open the pictures later."""
     return str(path.absolute())
+
+
+def pca_growth(db: Database, collection_id: int) -> tuple[int, int]:
+    """(pictures stored, those of them stored by the time the PCA was last fitted): `save_pca` alone sets
+    collections.updated_at, and images.ingested_at is when each picture went in (`Collection.refit_due`)."""
+    with db.connect() as conn:
+        row = conn.execute(sa.text("SELECT count(*) AS stored, count(*) FILTER (WHERE i.ingested_at <= c.updated_at) AS at_fit"
+                                   " FROM images i JOIN collections c ON c.id = i.collection_id WHERE i.collection_id = :c"),
+                           {"c": collection_id}).one()
+    return row.stored, row.at_fit

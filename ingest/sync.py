@@ -11,6 +11,10 @@ difference (`reconcile`, one transaction through ingest/paths.py):
 - recorded files under the folder that are gone are counted missing; `--prune` forgets them, deletes the
   images left without any file (their features and index items with them, counted in removed_rows so no
   engine returns them) and the failures recorded for files that are gone.
+- files are recorded under the folder's real path (ingest/sources.py); a path recorded through a symlinked
+  folder (as earlier versions did) that names a file found now is the same file: its row is re-pointed to
+  the real name (or forgotten if that is recorded too), never kept twice, never counted gone, and so are
+  its failures.
 Files still on disk that the walk left out (hidden, --exclude, --limit-per-class) are not touched.
 An unchanged folder writes nothing.
 """
@@ -30,10 +34,10 @@ if TYPE_CHECKING:
 
 
 def snapshot(coll: Collection, root: Path | None, candidates: list[Candidate]) -> dict[str, tuple[int, str]]:
-    """path -> (image id, sha256) recorded before the load: every path under `root`, or (without a root) the
-    candidates' own paths."""
+    """path -> (image id, sha256) recorded before the load: every path under `root` (its real path: ingest/sources.py
+    records files there), or (without a root) the candidates' own paths."""
     if root is not None:
-        return paths.stored_paths(coll.db, coll.id, under=str(Path(os.path.abspath(root))))
+        return paths.stored_paths(coll.db, coll.id, under=real_root(root))
     return paths.stored_paths(coll.db, coll.id, paths=[str(c.path.absolute()) for c in candidates])
 
 
@@ -51,40 +55,88 @@ def reconcile(coll: Collection, root: Path | None, before: dict[str, tuple[int, 
 
     gone = {p: v for p, v in before.items() if p not in seen and not os.path.lexists(p)}
     elsewhere = paths.stored_paths(coll.db, coll.id, image_ids=sorted(set(owner.values()))) if owner else {}
-    gone_elsewhere = {p: v for p, v in elsewhere.items() if p not in before and p not in seen and not os.path.lexists(p)}
+    others = elsewhere | recorded_through_symlink(coll, root)
+    aliases = other_names(others, before, seen)
+    gone_elsewhere = {p: v for p, v in elsewhere.items()
+                      if p not in before and p not in seen and p not in aliases and not os.path.lexists(p)}
 
     changes = Changes()
+    renamed = {aliases[old] for old in aliases if others[old][1] == seen[aliases[old]][0]}  # already present, named anew
+    copies = {p: i for p, i in owner.items() if p not in renamed}
     moved_from = []
     gone_by_image = group({p: v[0] for p, v in (gone | gone_elsewhere).items()})
-    for image_id, new_paths in group(owner).items():
+    for image_id, new_paths in group(copies).items():
         moved_from += gone_by_image.get(image_id, [])[:len(new_paths)]
-        changes.upsert.update({p: image_id for p in new_paths})
+    changes.upsert.update(owner)
     summary.moved += len(moved_from)
-    summary.duplicates += len(owner) - len(moved_from)
+    summary.duplicates += len(copies) - len(moved_from)
     # Every file hashed is one of: a new image (counted as it was stored), moved, a copy, or already present
-    # (recorded before, or by a concurrent load of the same folder while this one ran).
+    # (recorded before, under this name or through a symlink, or by a concurrent load of the same folder).
     summary.present = max(0, len(seen) - summary.ingested - summary.moved - summary.duplicates)
-    changes.forget = sorted(moved_from)
+    changes.forget = sorted(set(moved_from) | set(aliases))
     missing = sorted(set(gone) - set(moved_from))
     changed = [p for p in new if p in before]  # content replaced in place: the old image loses this file
 
     live = group({p: before[p][0] for p in present} | {p: inserted[p][0] for p in fresh} | owner)
-    dead = set(moved_from) | set(changed) | set(gone)
-    dead_contents = {v[1] for p, v in (before | elsewhere).items() if p in dead}
+    dead = set(moved_from) | set(changed) | set(gone) | set(aliases)
+    dead_contents = {v[1] for p, v in (before | others).items() if p in dead}
     for image_id, shown in paths.images_by_sha(coll.db, coll.id, sorted(dead_contents)).values():
         if shown in dead and live.get(image_id):
             first = live[image_id][0]
             changes.shown[image_id] = (first, seen[first][1])
 
+    changes.forget_failures = failures_named_otherwise(coll, root, seen, summary)
     if prune and root is not None:
         changes.forget = sorted(set(changes.forget) | set(missing))
-        changes.forget_failures = [p for p in paths.failure_paths(coll.db, coll.id, str(root)) if not os.path.lexists(p)]
-        changes.prune_orphans = bool(missing or changed or paths.count_orphans(coll.db, coll.id))
+        changes.forget_failures += [p for p in paths.failure_paths(coll.db, coll.id, real_root(root)) if not os.path.lexists(p)]
+        changes.prune_orphans = bool(missing or changed or aliases or paths.count_orphans(coll.db, coll.id))
         summary.pruned += len(missing)
     if changes:
         summary.removed += paths.apply(coll.db, coll.id, changes)
     if not prune:
         summary.missing += len(missing) + paths.count_orphans(coll.db, coll.id)
+
+
+def real_root(root: Path) -> str:
+    """The folder's real path, as ingest/sources.py records its files."""
+    return os.path.realpath(root)
+
+
+def recorded_through_symlink(coll: Collection, root: Path | None) -> dict[str, tuple[int, str]]:
+    """Paths recorded under the folder as it was named when that name goes through a symlink (earlier versions
+    recorded them so): path -> (image id, sha256)."""
+    if root is None or os.path.abspath(root) == real_root(root):
+        return {}
+    return paths.stored_paths(coll.db, coll.id, under=os.path.abspath(root))
+
+
+def other_names(recorded: dict[str, tuple[int, str]], before: dict, seen: dict) -> dict[str, str]:
+    """recorded path -> the path of this load's file that it names through a symlinked folder: the same file recorded
+    under another name, which the sync re-points (or forgets, when the file's real name is recorded already)."""
+    real = real_names(p for p in recorded if p not in before and p not in seen)
+    return {old: name for old, name in real.items() if name in seen}
+
+
+def failures_named_otherwise(coll: Collection, root: Path | None, seen: dict, summary: LoadSummary) -> list[str]:
+    """Failures recorded through a symlinked folder for files this load stored or saw fail under their real name."""
+    if root is None:
+        return []
+    found = set(seen) | {p for p, _ in summary.failures}
+    real = real_names(paths.failure_paths(coll.db, coll.id, real_root(root), outside=True))
+    return [old for old, name in real.items() if name in found and name != old]
+
+
+def real_names(recorded) -> dict[str, str]:
+    """path -> the same path with its folder resolved (the file itself may be a symlink, kept as such, as the walk does);
+    one realpath per folder."""
+    folders: dict[str, str] = {}
+    names = {}
+    for path in recorded:
+        folder, name = os.path.split(path)
+        if folder not in folders:
+            folders[folder] = os.path.realpath(folder)
+        names[path] = os.path.join(folders[folder], name)
+    return names
 
 
 def group(owner: dict[str, int]) -> dict[int, list[str]]:

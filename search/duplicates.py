@@ -2,11 +2,11 @@
 
 Identical files are one image with several paths (a picture is stored once per content, ingest/sync.py
 records every file holding it). Near-duplicates (resized, re-encoded, lightly edited) are images whose
-embeddings lie within `threshold` of each other. Candidate pairs come from the collection's Annoy file: each
-item's `neighbours` nearest items, by item number, without SQL or a round trip, so the work grows as
-n x (trees x neighbours) node visits, n log n overall, not n^2 as an all-pairs scan. Rows written since the
-file was built (its delta) are searched through the Annoy engine, which adds them exactly; rows removed
-since are dropped when their details are read.
+embeddings lie within `threshold` of each other. Candidate pairs come from an engine's `neighbourhoods` (the
+Engine interface, ingest/engines.py): with the Annoy file, each item's `neighbours` nearest items, by item number,
+without SQL or a round trip, so the work grows as n x (trees x neighbours) node visits, n log n overall, not n^2
+as an all-pairs scan. Rows the index does not hold yet (`pending_ids`: written since the file was built) are
+searched through the engine, which adds them exactly; rows removed since are dropped when their details are read.
 
 Groups are stars, not chains: images are taken in id order, and each one not yet grouped gathers every
 ungrouped image within the threshold of it; a member's distance is to that first image, so it is never above
@@ -17,10 +17,9 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
 from tqdm import tqdm
 
-from ingest import Collection, identical_files, paths_of
+from ingest import Collection, EngineName, QueryArgs, identical_files, paths_of
 
 # Measured on Caltech 101 (bench/duplicates.py; ResNet50 with random weights, PCA 128): 95% of copies resized to
 # half and re-encoded at JPEG quality 60 lie within 0.045 of their original, and 2.3% of distinct pairs of one class
@@ -56,10 +55,12 @@ class Report:
 
 
 def find_duplicates(coll: Collection, threshold: float = DEFAULT_THRESHOLD, *, neighbours: int = DEFAULT_NEIGHBOURS,
-                    search_k: int = -1, progress: bool = False) -> Report:
-    """Groups of identical files and of near-duplicates; with threshold 0, identical files only (no index used)."""
+                    search_k: int = -1, engine: str = EngineName.ANNOY, progress: bool = False) -> Report:
+    """Groups of identical files and of near-duplicates; with threshold 0, identical files only (no index used).
+    `search_k` (-1: the engine's default) is Annoy's; any engine can find the candidates, the Annoy file fastest."""
     started = time.perf_counter()
-    pairs, searched = (near_pairs(coll, threshold, neighbours, search_k, progress) if threshold > 0 else ({}, 0))
+    args = QueryArgs.of(search_k=search_k)
+    pairs, searched = (near_pairs(coll, threshold, neighbours, engine, args, progress) if threshold > 0 else ({}, 0))
     copies = identical_files(coll.db, coll.id)
     groups = []
     for centre, members in stars(pairs).items():
@@ -75,10 +76,10 @@ def find_duplicates(coll: Collection, threshold: float = DEFAULT_THRESHOLD, *, n
     return Report(groups, searched, sum(len(m) for m in pairs.values()) // 2, time.perf_counter() - started)
 
 
-def near_pairs(coll: Collection, threshold: float, neighbours: int, search_k: int, progress: bool) -> tuple[dict, int]:
-    """id -> {id: distance} for every pair within the threshold that the index finds (both directions), living rows only."""
-    engine = coll.engine("annoy", search_k=search_k)
-    index, ids = engine.index, np.asarray(engine.ids)
+def near_pairs(coll: Collection, threshold: float, neighbours: int, engine_name: str, args: QueryArgs,
+               progress: bool) -> tuple[dict, int]:
+    """id -> {id: distance} for every pair within the threshold that the engine finds (both directions), living rows only."""
+    engine = coll.engine(engine_name)
     found: dict[int, dict[int, float]] = {}
 
     def keep(a: int, b: int, d: float) -> None:
@@ -86,21 +87,19 @@ def near_pairs(coll: Collection, threshold: float, neighbours: int, search_k: in
             found.setdefault(a, {})[b] = d
             found.setdefault(b, {})[a] = d
 
-    for item in tqdm(range(len(ids)), desc="near-duplicates", unit="img", disable=not progress, smoothing=0.1, mininterval=1):
-        items, distances = index.get_nns_by_item(item, neighbours + 1, search_k=search_k, include_distances=True)
-        for other, d in zip(items, distances):
-            if d <= threshold:
-                keep(int(ids[item]), int(ids[other]), d)
-    searched = len(ids)
-    removed = max(0, coll.row.removed_rows - engine.sidecar.removed_rows)
-    if coll.index_delta(0) > removed:  # rows newer than the file: ask the engine, which searches them exactly
-        indexed = np.sort(ids)
-        for block_ids, vectors in coll.vectors():
-            newer = ~np.isin(block_ids, indexed)
-            for image_id, vector in zip(block_ids[newer].tolist(), vectors[newer]):
-                for hit in coll.similar(vector, neighbours + 1, engine="annoy", search_k=search_k):
-                    keep(image_id, hit.id, hit.distance)
-                searched += 1
+    searched = 0
+    with tqdm(desc="near-duplicates", unit="img", disable=not progress, smoothing=0.1, mininterval=1) as bar:
+        for near in engine.neighbourhoods(neighbours, args):
+            for other, d in zip(near.ids.tolist(), near.distances.tolist()):
+                keep(near.image_id, other, d)
+            searched += 1
+            bar.update()
+        pending, vectors = coll.vectors_of("embedding", engine.pending_ids())
+        for image_id, vector in zip(pending.tolist(), vectors):  # rows newer than the index: the engine searches them exactly
+            for hit in engine.search(vector, neighbours + 1, args=args):
+                keep(image_id, hit.id, hit.distance)
+            searched += 1
+            bar.update()
     living = set(coll.details(list(found))) if found else set()
     return {a: {b: d for b, d in near.items() if b in living} for a, near in found.items() if a in living}, searched
 

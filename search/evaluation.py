@@ -16,6 +16,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from ingest import Engine, QueryArgs
+
 BEST_WORST = 5  # labels shown at each end of the precision ranking
 CHUNK = 512  # query rows per block of the numpy distance matrix
 
@@ -78,19 +80,20 @@ def exact_neighbours(ids: np.ndarray, vectors: np.ndarray, rows: np.ndarray, k: 
     return (found, found_d) if distances else found
 
 
-def annoy_neighbours(engine, ids: np.ndarray, rows: np.ndarray, k: int, *, fetch: int | None = None,
-                     progress: bool = False) -> list[list[int]]:
-    """Annoy's k nearest other images of each query row, as AnnoyEngine.search(exclude=query) returns them.
+def engine_neighbours(engine: Engine, ids: np.ndarray, rows: np.ndarray, k: int, *, fetch: int | None = None,
+                      args: QueryArgs = QueryArgs(), progress: bool = False) -> list[list[int]]:
+    """An engine's k nearest other images of each query row, from its own index (`Engine.neighbours_of_stored`:
+    for Annoy the bare file lookup, as the report's recall measures it).
 
-    `engine` is the collection's Annoy engine (`Collection.engine("annoy")`); ids not in `ids` are skipped, so
-    when `ids` are a sample of the file's items, ask for `fetch` items (more than k + 1) to keep k of them.
+    Ids not in `ids` are skipped, so when `ids` are a sample of the collection, ask for `fetch` neighbours (more
+    than k) to keep k of them.
     """
     members = set(ids.tolist())
     found = []
-    for row in tqdm(rows.tolist(), desc="Annoy k-NN", unit="query", disable=not progress):
+    for row in tqdm(rows.tolist(), desc=f"{engine.name} k-NN", unit="query", disable=not progress):
         item = int(ids[row])
-        items = engine.ids_near_image(item, max(fetch or 0, k + 1))
-        found.append([i for i in items if i != item and i in members][:k])
+        near = engine.neighbours_of_stored(item, max(fetch or 0, k), args)
+        found.append([i for i in near if i in members][:k])
     return found
 
 

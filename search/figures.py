@@ -186,14 +186,15 @@ def plot_method_grid(out: Path, name: str, method: str, queries: list[GridQuery]
 
 
 def plot_sweep(out: Path, rows: list, engines: list, k: int, reference_k: int) -> Path:
-    """precision@k against dims (log scale) beside the published reference, and query time against dims.
+    """precision@k against dims (log scale) beside the book's published figures (Koul et al. 2019, chapter 4),
+    and query time against dims.
     `rows` are the sweep's SweepRows (numpy brute force); `engines` are SweepRows of the engines as deployed."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5.5))
     dims = [r.dims for r in rows]
     left.plot(dims, [r.precision for r in rows], "o-", color="C0", label=f"exact KNN, this collection (precision@{k})")
     ref = [(r.dims, r.reference) for r in rows if r.reference is not None]
     if ref:
-        left.plot(*zip(*ref), "s--", color="0.5", label=f"published reference, ImageNet weights (precision@{reference_k})")
+        left.plot(*zip(*ref), "s--", color="0.5", label=f"Koul et al. 2019, ch. 4: ImageNet weights (precision@{reference_k})")
     for i, r in enumerate(engines, 1):
         if r.precision is not None:
             left.plot([r.dims], [r.precision], "D", color=f"C{i}", markersize=8, label=f"{r.method} ({r.dims} dims)")

@@ -1,5 +1,6 @@
 """`search report`: one HTML page (index.html with PNGs and summary.json beside it) that compares the
-reference project's three methods on a collection: exact KNN on the raw 2048-d features, exact KNN after
+three methods of chapter 4 of Koul, Ganju and Kasam's *Practical Deep Learning for Cloud, Mobile, and Edge*
+(O'Reilly, 2019) on a collection: exact KNN on the raw 2048-d features, exact KNN after
 PCA (pgvector) and Annoy, with how their quality changes with the dims and what each costs a query.
 
 The images a report looks at are the whole collection, or `--sample N` of them drawn with the seed: they
@@ -25,22 +26,24 @@ import sys
 import time
 import zlib
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from ingest import Collection, Database, Settings, holdout_hashes, normalize, to_json
+from ingest import Collection, Database, EngineName, Settings, holdout_hashes, normalize, to_json
 from ingest.errors import RisError
+from search.audit_page import AUDIT_FOLDER
 from search.evaluation import (
-    LabelScore, Latency, annoy_neighbours, brute_force, exact_neighbours, latency_of, precision_at_k, score, time_interleaved,
+    LabelScore, Latency, brute_force, engine_neighbours, exact_neighbours, latency_of, precision_at_k, score, time_interleaved,
 )
 from search.figures import (
     GridQuery, plot_labels, plot_latency, plot_method_grid, plot_neighbour_grids, plot_sweep, plot_thumbnail_map, plot_tsne,
     plot_variance,
 )
 from search.page import write_html
+from search.split_rule import SplitRule
 from search.sweep import NUMPY, REFERENCE_K, SweepRow, fit_full_pca, mean_precision, run_sweep
 from search.tsne import run_tsne, tsne_neighbours
 
@@ -85,6 +88,7 @@ class ReportSummary:
     sweep: list[SweepRow] = field(default_factory=list)  # quality against dims, then the engines as deployed
     engine_names: dict = field(default_factory=lambda: {"raw": RAW_SQL, "pca": PGVECTOR, "annoy": ANNOY})
     tsne_raw_xy: np.ndarray | None = field(default=None, repr=False)
+    audit_page: str | None = None  # the audit page in the report's folder, linked when there is one
 
     def to_dict(self) -> dict:
         """What `search report --json` prints and summary.json holds: plain JSON types, without the maps' coordinates."""
@@ -137,19 +141,24 @@ def build_report(
     k: int = 4,
     progress: bool = True,
     compare_with: str | None = None,
+    split_by: str | None = None,
 ) -> ReportSummary:
     """Write out/index.html, its PNGs and out/summary.json for a collection, and return the numbers shown there.
 
     With `compare_with` (a collection made by `ingest finetune` from this one), the report also gives the
-    leave-one-out precision@k of the run's hold-out images in both collections.
+    leave-one-out precision@k of the run's hold-out images in both collections. With `split_by` (a --split-by
+    pattern), labels leave out the split's folder, as `search audit` counts them.
     """
+    rule = SplitRule.parse(split_by) if split_by is not None else None
     clock = Stopwatch(progress)
     with clock("load vectors"):
         coll = Collection.named(db, settings, collection)
-        coll.check_searchable("annoy")
+        coll.check_searchable(EngineName.ANNOY)
         all_ids = coll.image_ids("embedding")
         check_sizes(len(all_ids), sample, k)
         images, raw_note = load_images(coll, all_ids[sample_rows(len(all_ids), sample, seed)], with_raw=True)
+        if rule is not None:
+            images = replace(images, labels=[rule.label(p, x) for p, x in zip(images.paths, images.labels)])
     total, n = len(all_ids), len(images.ids)
     rows, whole = np.arange(n), n == total
     raw_sql = images.raw is not None and total <= RAW_SQL_MAX_ROWS
@@ -158,7 +167,8 @@ def build_report(
     with clock("exact neighbours, PCA (numpy)"):
         exact = exact_neighbours(images.ids, images.vectors, rows, k, progress=progress)
     with clock("Annoy neighbours"):  # a sample holds about n/total of the file's items: ask for enough to keep k
-        approx = annoy_neighbours(coll.engine("annoy"), images.ids, rows, k, fetch=(k + 1) * math.ceil(total / n), progress=progress)
+        approx = engine_neighbours(coll.engine(EngineName.ANNOY), images.ids, rows, k, fetch=(k + 1) * math.ceil(total / n),
+                                   progress=progress)
     quality = score(exact, approx, ids=images.ids, labels=images.labels, rows=rows, k=k)
     raw_found = raw_near = None
     if images.raw is not None:
@@ -203,6 +213,8 @@ def build_report(
     if compare_with:
         with clock("hold-out comparison"):
             summary.comparison = compare_holdout(coll, compare_with, k)
+    if (out / AUDIT_FOLDER / "index.html").is_file():  # `search audit --out <this folder>/audit`
+        summary.audit_page = f"{AUDIT_FOLDER}/index.html"
     summary.files = [write_html(out / "index.html", summary, files)] + files
     (out / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2, default=to_json), encoding="utf-8")
     return summary
@@ -293,12 +305,12 @@ def measure_latency(coll: Collection, *, images: Images, exact: np.ndarray, raw_
     """p50/p95 per query of each engine on the same stored vectors, and (if `check`: the report covers the whole
     collection, as the SQL does) how often pgvector, and raw SQL, returned the numpy neighbours."""
     picks = rng_for(seed, "latency queries").choice(len(images.ids), min(LATENCY_QUERIES, len(images.ids)), replace=False)
-    annoy_engine = coll.engine("annoy")
+    annoy_engine = coll.engine(EngineName.ANNOY)
     searches = {PGVECTOR: lambda row: [h.id for h in coll.similar(images.vectors[row], k, exclude=int(images.ids[row]))]}
     if raw_sql:
         searches[RAW_SQL] = lambda row: [h.id for h in coll.similar(images.raw[row], k, exclude=int(images.ids[row]), space="raw")]
     searches |= {
-        ANNOY: lambda row: coll.similar(images.vectors[row], k, engine="annoy", exclude=int(images.ids[row])),
+        ANNOY: lambda row: coll.similar(images.vectors[row], k, engine=EngineName.ANNOY, exclude=int(images.ids[row])),
         "Annoy (index only)": lambda row: annoy_engine.ids_near(images.vectors[row], k + 1),
         "numpy brute force": lambda row: brute_force(images.ids, images.vectors, images.vectors[row], k + 1),
     }
@@ -318,7 +330,8 @@ def grid_queries(coll: Collection, queries: np.ndarray, images: Images, methods:
             if name == "raw":
                 hits = coll.similar(images.raw[row], k, exclude=item, space="raw")
             else:
-                hits = coll.similar(images.vectors[row], k, engine="pgvector" if name == "pca" else "annoy", exclude=item)
+                engine = EngineName.PGVECTOR if name == "pca" else EngineName.ANNOY
+                hits = coll.similar(images.vectors[row], k, engine=engine, exclude=item)
             answers.append((title, hits))
         grids.append(GridQuery(item, images.paths[row], images.labels[row], answers))
     return grids

@@ -1,227 +1,60 @@
 """`search serve`: the web page and the JSON API it uses, one FastAPI app per server process.
 
-Each process opens the database once (a SQLAlchemy pool), keeps every collection it has searched open (engines,
-the mmap'ed Annoy file) and builds the CNN only when the first upload that needs it arrives (searches by id and
-uploads of stored pictures never import TensorFlow). Everything is read-only: images are named by id within a
-collection, never by a path from the request, and the label filter is a bound parameter (there is no --where).
-Uploads are read into memory up to a size limit and decoded through ingest's guards from a temporary file
-that is removed at once. A user's mistake is a 4xx with one line in `detail`, never a traceback.
+Who may ask, and how big a body may be, is decided in front of the app (search/guards.py); what one process keeps
+and how it answers a search is search/searcher.py; a stored picture is sent only if its bytes are the ones ingested
+(search/files.py). The database pool pre-pings and starts the embedded server again if it died. Everything is
+read-only: images are named by id within a collection, never by a path from the request, and the label filter is a
+bound parameter (there is no --where). A user's mistake is a 4xx with one line in `detail`, never a traceback.
 """
 from __future__ import annotations
 
-import mimetypes
+import logging
 import os
 import socket
 import sys
-import tempfile
-import threading
-import time
 from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
-from urllib.parse import quote
+from typing import Annotated
 
+import psycopg
+import sqlalchemy.exc
 from fastapi import FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
-from ingest import ENGINES, Collection, Settings, connect_for_queries, raw_cursor
-from ingest.errors import (
-    CollectionError,
-    ImageError,
-    IndexFileError,
-    RisError,
-    WeightsError,
-    first_line,
-)
-from search.thumbnails import thumbnail
+from ingest import ENGINES, MAX_PICTURES, EngineName, Settings, connect_for_queries, decode_budget, survive_restarts
+from ingest.errors import ImageError, RisError, first_line
+from search.files import cached_bytes, cached_path, media_type, not_modified
+from search.guards import GuardMiddleware, Guards, too_large
+from search.searcher import MAX_PIXELS, MAX_UPLOAD_MB, Refused, Searcher, image_url
+from search.thumbnails import LAYOUT, THUMBNAIL_SIZE, cached_thumbnail, make_thumbnail, purge_first_layout
 
-MAX_UPLOAD_MB = 20  # largest upload accepted unless --max-upload-mb says otherwise; a phone photo is 2-8 MB
 MAX_K = 100
-ROW_CHECK_SECONDS = 1.0  # how stale a collection's row may be: a refit in another process is seen within this
-CACHE_SECONDS = 7 * 24 * 3600  # an image id's content never changes: thumbnails and files may be kept a week
+LOG = logging.getLogger("uvicorn.error")  # uvicorn's own log: what the server says goes where uvicorn's lines go
+STATIC = {"app.js": "text/javascript; charset=utf-8", "app.css": "text/css; charset=utf-8"}
 
 
-class Refused(Exception):
-    """A request the server cannot answer as asked: an HTTP status and one line saying why."""
-
-    def __init__(self, status: int, detail: str):
-        super().__init__(detail)
-        self.status = status
-        self.detail = detail
+def static_file(name: str) -> bytes:
+    return resources.files("search").joinpath(f"static/{name}").read_bytes()
 
 
-class Searcher:
-    """What one server process keeps between requests: the database pool, open collections, the model lock."""
-
-    def __init__(self, settings: Settings, db, default_collection: str | None = None, max_upload_mb: float = MAX_UPLOAD_MB):
-        self.settings = settings
-        self.db = db
-        self.default = Collection.named(db, settings, default_collection).name
-        self.max_upload = int(max_upload_mb * 1024 * 1024)
-        self.open: dict[str, Collection] = {}
-        self.checked: dict[str, float] = {}  # collection -> when its row was last compared with the database
-        self.model_lock = threading.Lock()  # one forward pass at a time; the first one builds the model
-
-    def collection(self, name: str) -> Collection:
-        """The open collection `name`, brought up to date (within ROW_CHECK_SECONDS) if another process refitted
-        its PCA or built its HNSW index since; 404 if there is none."""
-        coll = self.open.get(name)
-        if coll is None:
-            try:
-                coll = self.open[name] = Collection.named(self.db, self.settings, name)
-            except CollectionError as e:
-                raise Refused(404, str(e)) from None
-            self.checked[name] = time.monotonic()
-        elif time.monotonic() - self.checked.get(name, 0) > ROW_CHECK_SECONDS:
-            self.checked[name] = time.monotonic()
-            if self.row_changed(coll):
-                coll.reload()
-        return coll
-
-    def row_changed(self, coll: Collection) -> bool:
-        """One primary-key lookup: has the collection's PCA or its HNSW flag changed since we read its row?"""
-        with self.db.connect() as conn:
-            cur = raw_cursor(conn)
-            cur.execute("SELECT pca_version, pca_dims, hnsw FROM collections WHERE id = %s", (coll.id,))
-            row = cur.fetchone()
-        if row is None:
-            self.open.pop(coll.name, None)
-            raise Refused(404, f"collection {coll.name!r} was removed")
-        return tuple(row) != (coll.row.pca_version, coll.dims, coll.row.hnsw)
-
-    def engines(self, coll: Collection) -> dict[str, str | None]:
-        """engine -> None if it can answer for the collection now, else the reason it cannot (and what to run)."""
-        found = {}
-        for name in ENGINES:
-            try:
-                coll.check_searchable(name)
-                found[name] = None
-            except RisError as e:
-                found[name] = str(e)
-        return found
-
-    def describe(self) -> list[dict]:
-        """Every collection with its size and which engines can answer."""
-        out = []
-        for row_coll in Collection.all(self.db, self.settings):
-            coll = self.collection(row_coll.name)
-            out.append({"name": coll.name, "images": count_searchable(coll), "dims": coll.dims, "weights": coll.weights,
-                        "default": coll.name == self.default, "engines": self.engines(coll)})
-        return out
-
-    def labels(self, coll: Collection) -> list[dict]:
-        with self.db.connect() as conn:
-            cur = raw_cursor(conn)
-            cur.execute("SELECT label, count(*) FROM images WHERE collection_id = %s AND embedding IS NOT NULL AND label IS NOT NULL"
-                        " GROUP BY label ORDER BY label", (coll.id,))
-            return [{"label": label, "images": n} for label, n in cur.fetchall()]
-
-    def image(self, coll: Collection, image_id: int) -> tuple[str, str | None, str]:
-        """(path, label, sha256) of an image of this collection; 404 for any other id."""
-        found = coll.details([image_id]).get(image_id)
-        if found is None:
-            raise Refused(404, f"no image with id {image_id} in collection {coll.name!r}")
-        return found
-
-    def similar_by_id(self, name: str, image_id: int, k: int, engine: str, label: str | None) -> dict:
-        coll = self.searchable(name, engine)
-        started = time.perf_counter()
-        try:
-            query = coll.query(image_id=image_id)
-        except CollectionError as e:
-            raise Refused(404, str(e)) from None
-        return self.answer(coll, query, k, engine, label, query_ms=ms_since(started))
-
-    def similar_by_upload(self, name: str, data: bytes, k: int, engine: str, label: str | None) -> dict:
-        coll = self.searchable(name, engine)
-        started = time.perf_counter()
-        with tempfile.TemporaryDirectory(prefix="ris-upload-") as tmp:
-            path = Path(tmp) / "upload"
-            path.write_bytes(data)
-            try:
-                with self.model_lock:
-                    query = coll.query(image=path)
-            except (WeightsError, CollectionError) as e:
-                raise Refused(409, str(e)) from None
-            except RisError as e:  # bad image data: the reason ingest would record, without our temporary path
-                raise Refused(422, str(e).replace(str(path), "the upload")) from None
-        return self.answer(coll, query, k, engine, label, query_ms=ms_since(started))
-
-    def searchable(self, name: str, engine: str) -> Collection:
-        """The collection, if `engine` can answer for it now; else 409 saying what to run."""
-        if engine not in ENGINES:
-            raise Refused(422, f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
-        coll = self.collection(name)
-        try:
-            if coll.pca is None:  # (check_searchable counts rows: fine for the listing, too slow for every search)
-                raise CollectionError(f"collection {coll.name!r} has no searchable images yet; run `ingest load` (or `ingest index`)")
-            coll.engine(engine)  # opened once, then cached by the collection
-        except RisError as e:
-            raise Refused(409, str(e)) from None
-        return coll
-
-    def answer(self, coll: Collection, query, k: int, engine: str, label: str | None, *, query_ms: float) -> dict:
-        started = time.perf_counter()
-        try:
-            hits = coll.similar(query, k, engine=engine, label=label)
-        except (IndexFileError, CollectionError) as e:  # the index went stale or the collection changed meanwhile
-            raise Refused(409, str(e)) from None
-        search_ms = ms_since(started)
-        return {
-            "collection": coll.name, "engine": engine, "k": k, "label": label,
-            "query": {"id": query.image_id, "label": query.label,
-                      "name": Path(query.path).name if query.image_id is not None else None,
-                      "embedded": query.raw is not None},
-            "timings": {"query_ms": query_ms, "search_ms": search_ms},
-            "hits": [hit_json(coll.name, h) for h in hits],
-        }
-
-
-def hit_json(collection: str, hit) -> dict:
-    """A hit as the page shows it: the file's name, not its path on the server, and where to fetch its pictures."""
-    base = image_url(collection, hit.id)
-    return {"rank": hit.rank, "id": hit.id, "label": hit.label, "distance": hit.distance, "name": Path(hit.path).name,
-            "thumbnail": f"{base}/thumbnail", "image": f"{base}/file"}
-
-
-def image_url(collection: str, image_id: int) -> str:
-    return f"/api/collections/{quote(collection, safe='')}/images/{image_id}"
-
-
-def count_searchable(coll: Collection) -> int:
-    with coll.db.connect() as conn:
-        cur = raw_cursor(conn)
-        cur.execute("SELECT count(*) FROM images WHERE collection_id = %s AND embedding IS NOT NULL", (coll.id,))
-        return cur.fetchone()[0]
-
-
-def ms_since(started: float) -> float:
-    return round((time.perf_counter() - started) * 1000, 3)
-
-
-def cached_file(request: Request, path: Path | str, etag: str, media_type: str | None = None) -> Response:
-    """A file the browser may keep (its content is fixed by its sha256): 304 when it already has this one."""
-    etag = f'"{etag}"'
-    headers = {"Cache-Control": f"public, max-age={CACHE_SECONDS}, immutable", "ETag": etag}
-    if request.headers.get("if-none-match") == etag:
-        return Response(status_code=304, headers=headers)
-    return FileResponse(path, media_type=media_type, headers=headers)
-
-
-def page_html() -> str:
-    return resources.files("search").joinpath("static/index.html").read_text(encoding="utf-8")
-
-
-def create_app(settings: Settings | None = None, db=None, *, collection: str | None = None,
-               max_upload_mb: float = MAX_UPLOAD_MB) -> FastAPI:
+def create_app(settings: Settings | None = None, db=None, *, collection: str | None = None, max_upload_mb: float = MAX_UPLOAD_MB,
+               max_pixels: int = MAX_PIXELS, allowed_hosts=(), token: str | None = None) -> FastAPI:
     """The app for one server process: settings from RIS_HOME / DATABASE_URL / DATABASE_READ_URL unless given, the
     database opened now (a missing collection fails here, before the server listens). The server only reads, so a
-    read replica, when one is set, answers everything."""
+    read replica, when one is set, answers everything. It answers to loopback names and `allowed_hosts`, and with
+    a `token` only to requests that show it (search/guards.py).
+
+    /docs and /redoc are off: Swagger UI and ReDoc run a script from a CDN on this origin, where the pictures and the
+    token cookie are; /openapi.json stays, behind the same guards, for any OpenAPI viewer to read."""
     settings = settings or Settings.load()
-    searcher = Searcher(settings, db or connect_for_queries(settings), collection, max_upload_mb)
+    searcher = Searcher(settings, db or survive_restarts(connect_for_queries(settings), settings.pgdata), collection,
+                        max_upload_mb, max_pixels)
+    purge_first_layout(settings.home)
 
     @asynccontextmanager
     async def lifespan(_app):
@@ -229,8 +62,10 @@ def create_app(settings: Settings | None = None, db=None, *, collection: str | N
         if db is None:  # ours: close the pool when the server stops
             searcher.db.dispose()
 
-    app = FastAPI(title="reverse-image-search", summary="Search a collection of pictures by picture.", lifespan=lifespan)
+    app = FastAPI(title="reverse-image-search", summary="Search a collection of pictures by picture.", lifespan=lifespan,
+                  docs_url=None, redoc_url=None)
     app.state.searcher = searcher
+    app.add_middleware(GuardMiddleware, guards=Guards.build(allowed_hosts, token, max_upload=searcher.max_upload))
     add_error_handlers(app)
     add_routes(app, searcher)
     return app
@@ -238,9 +73,14 @@ def create_app(settings: Settings | None = None, db=None, *, collection: str | N
 
 def app_from_environment() -> FastAPI:
     """The factory uvicorn calls in every worker process (`search serve --workers N`): its options come from
-    the environment `search serve` set (RIS_SERVE_*, plus RIS_HOME and DATABASE_URL as everywhere)."""
+    the environment `search serve` set (RIS_SERVE_*, plus RIS_HOME and DATABASE_URL as everywhere). Pictures
+    decoded at once in the process hold no more than the pixel limit between them (ingest's decode budget)."""
+    max_pixels = int(os.environ.get("RIS_SERVE_MAX_PIXELS") or MAX_PIXELS)
+    decode_budget.resize(max_pixels)
     return create_app(collection=os.environ.get("RIS_SERVE_COLLECTION") or None,
-                      max_upload_mb=float(os.environ.get("RIS_SERVE_MAX_UPLOAD_MB") or MAX_UPLOAD_MB))
+                      max_upload_mb=float(os.environ.get("RIS_SERVE_MAX_UPLOAD_MB") or MAX_UPLOAD_MB), max_pixels=max_pixels,
+                      allowed_hosts=os.environ.get("RIS_SERVE_ALLOWED_HOSTS", "").split(),
+                      token=os.environ.get("RIS_SERVE_TOKEN") or None)
 
 
 def add_error_handlers(app: FastAPI) -> None:
@@ -258,30 +98,41 @@ def add_error_handlers(app: FastAPI) -> None:
     async def ris_error(_request, exc: RisError):
         return JSONResponse({"detail": first_line(str(exc))}, status_code=400)
 
+    async def database_error(_request, exc: Exception):
+        """A database that stopped answering is the server's state, not a bug: 503 and its one line, and one line
+        in the log (the pool reconnects, starting the embedded server again, as soon as it can)."""
+        detail = f"database error: {first_line(str(getattr(exc, 'orig', None) or exc))}"
+        LOG.warning(detail)
+        return JSONResponse({"detail": detail}, status_code=503)
+
+    for database_exception in (sqlalchemy.exc.DBAPIError, psycopg.Error):
+        app.add_exception_handler(database_exception, database_error)
+
     @app.exception_handler(Exception)
     async def unexpected(_request, exc: Exception):
-        """A database that stopped answering is the server's state, not a bug: 503 and its one line. Anything
-        else is a bug: 500 without the traceback (uvicorn logs it)."""
-        if is_database_error(exc):
-            return JSONResponse({"detail": f"database error: {first_line(str(getattr(exc, 'orig', None) or exc))}"}, status_code=503)
+        """Anything else is a bug: 500 without the traceback (uvicorn logs it)."""
         return JSONResponse({"detail": "internal error; the server log has the details"}, status_code=500)
-
-
-def is_database_error(exc: Exception) -> bool:
-    import psycopg
-    import sqlalchemy.exc
-
-    return isinstance(exc, (sqlalchemy.exc.DBAPIError, psycopg.Error))
 
 
 def add_routes(app: FastAPI, searcher: Searcher) -> None:
     K = Query(10, ge=1, le=MAX_K, description="How many neighbours.")
-    ENGINE = Query("pgvector", description=f"One of {', '.join(ENGINES)}.")
+    CROP = Query(None, max_length=100, description='Search a region of the picture: "x,y,w,h" in its pixels (after EXIF rotation).')
+    ENGINE = Query(EngineName.PGVECTOR.value, description=f"One of {', '.join(ENGINES)}.")
     LABEL = Query(None, max_length=200, description="Only neighbours with this label (a bound parameter).")
+    page_html = static_file("index.html")
+    static = {name: static_file(name) for name in STATIC}
+    home = searcher.settings.home
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page():
-        return HTMLResponse(page_html(), headers={"Cache-Control": "no-cache"})
+        return HTMLResponse(page_html, headers={"Cache-Control": "no-cache"})
+
+    @app.get("/static/{name}", include_in_schema=False)
+    def static_files(name: str):
+        """The page's script and style (files of their own: the CSP allows no inline script or style)."""
+        if name not in static:
+            raise Refused(404, f"no static file named {name!r}")
+        return Response(static[name], media_type=STATIC[name], headers={"Cache-Control": "no-cache"})
 
     @app.get("/api/status")
     def status():
@@ -300,15 +151,23 @@ def add_routes(app: FastAPI, searcher: Searcher) -> None:
         return searcher.labels(searcher.collection(name))
 
     @app.get("/api/collections/{name}/images/{image_id}/similar")
-    def similar_by_id(name: str, image_id: int, k: int = K, engine: str = ENGINE, label: str | None = LABEL):
-        """The k images nearest to a stored image (no CNN run)."""
-        return JSONResponse(searcher.similar_by_id(name, image_id, k, engine, label))  # plain JSON: no re-validation
+    def similar_by_id(name: str, image_id: int, k: int = K, engine: str = ENGINE, label: str | None = LABEL, crop: str | None = CROP):
+        """The k images nearest to a stored image (no CNN run), or to a region of it (`crop`: decoded from its file)."""
+        return JSONResponse(searcher.similar_by_id(name, image_id, k, engine, label, crop))  # plain JSON: no re-validation
 
     @app.post("/api/collections/{name}/similar")
     async def similar_by_upload(request: Request, name: str, k: int = K, engine: str = ENGINE, label: str | None = LABEL):
-        """The k images nearest to an uploaded picture: multipart/form-data with one file field `image`."""
-        data = await read_upload(request, searcher.max_upload)
-        return JSONResponse(await run_in_threadpool(searcher.similar_by_upload, name, data, k, engine, label))
+        """The k images nearest to an uploaded picture: multipart/form-data with one file field `image`; optional text
+        fields `crop` ("x,y,w,h" of the picture), `positives` and `negatives` (stored image ids, "1,2,3")."""
+        data, fields = await read_upload(request, searcher.max_upload)
+        return JSONResponse(await run_in_threadpool(searcher.similar_by_upload, name, data, k, engine, label, fields.get("crop"),
+                                                    id_list(fields, "positives"), id_list(fields, "negatives")))
+
+    @app.post("/api/collections/{name}/similar/feedback")
+    def similar_by_feedback(name: str, body: Feedback):
+        """The k images nearest to stored images marked "more like this", pushed from those marked "less like this"
+        (ingest.queries: mean of the positives minus half the mean of the negatives); they are left out of the hits."""
+        return JSONResponse(searcher.similar_to(name, body.positives, body.negatives, body.k, body.engine, body.label, crop=body.crop))
 
     @app.get("/api/collections/{name}/images/{image_id}")
     def image_info(name: str, image_id: int):
@@ -319,29 +178,62 @@ def add_routes(app: FastAPI, searcher: Searcher) -> None:
 
     @app.get("/api/collections/{name}/images/{image_id}/thumbnail")
     def image_thumbnail(request: Request, name: str, image_id: int):
-        """A JPEG of at most 256 pixels a side, made once and cached under $RIS_HOME/thumbnails by sha256."""
-        path, _, sha256 = searcher.image(searcher.collection(name), image_id)
-        try:
-            return cached_file(request, thumbnail(searcher.settings.home, sha256, path), f"{sha256}-thumb", "image/jpeg")
-        except ImageError as e:
-            raise Refused(404, f"image {image_id}: {e}") from None
+        """A JPEG of at most 256 pixels a side, made once from the verified picture and cached by its sha256."""
+        coll = searcher.collection(name)
+        path, _, sha256 = searcher.image(coll, image_id)
+        etag = f"{sha256}-{THUMBNAIL_SIZE}-{LAYOUT}"
+        if (unchanged := not_modified(request, etag)) is not None:
+            return unchanged
+        made = cached_thumbnail(home, sha256)
+        if made is None:
+            try:
+                made = make_thumbnail(home, sha256, searcher.picture(coll, image_id, path, sha256), max_pixels=searcher.max_pixels)
+            except ImageError as e:
+                raise Refused(404, f"image {image_id}: {e}") from None
+        return cached_path(made, etag, "image/jpeg")
 
     @app.get("/api/collections/{name}/images/{image_id}/file")
     def image_file(request: Request, name: str, image_id: int):
-        """The stored picture itself, as ingested."""
-        path, _, sha256 = searcher.image(searcher.collection(name), image_id)
-        if not os.path.isfile(path):
-            raise Refused(404, f"image {image_id}: its file is no longer on disk")
-        return cached_file(request, path, sha256, mimetypes.guess_type(path)[0] or "application/octet-stream")
+        """The stored picture itself, as ingested: its bytes are sent only if they hash to its sha256."""
+        coll = searcher.collection(name)
+        path, _, sha256 = searcher.image(coll, image_id)
+        if (unchanged := not_modified(request, sha256)) is not None:
+            return unchanged
+        data = searcher.picture(coll, image_id, path, sha256)
+        return cached_bytes(data, sha256, media_type(data))
 
 
-async def read_upload(request: Request, limit: int) -> bytes:
-    """The bytes of the form's `image` file, refusing before reading anything a body larger than `limit`."""
-    length = request.headers.get("content-length")
-    if length is None or not length.isdigit():
-        raise Refused(411, "send the upload with a Content-Length")
-    if int(length) > limit + 64 * 1024:  # multipart framing and the other fields are small
-        raise Refused(413, too_large(limit))
+ImageId = Annotated[int, Field(ge=0, lt=2**63)]  # a bigint
+
+
+class Feedback(BaseModel):
+    """A search by stored images: more like `positives` (the first one maybe cropped), less like `negatives`."""
+
+    model_config = ConfigDict(extra="forbid")
+    positives: list[ImageId] = Field(min_length=1, max_length=MAX_PICTURES, description="Stored image ids to search with.")
+    negatives: list[ImageId] = Field([], max_length=MAX_PICTURES, description="Stored image ids to move away from.")
+    crop: str | None = Field(None, max_length=100, description='"x,y,w,h": search this region of the first positive.')
+    k: int = Field(10, ge=1, le=MAX_K)
+    engine: str = Field(EngineName.PGVECTOR.value, max_length=20)
+    label: str | None = Field(None, max_length=200)
+
+
+def id_list(fields: dict, name: str) -> list[int]:
+    """A form field of image ids, "1,2,3" (empty or missing: none), or 422."""
+    text = fields.get(name) or ""
+    try:
+        ids = [int(part) for part in text.split(",") if part.strip()]
+        TypeAdapter(list[ImageId]).validate_python(ids)
+    except (ValueError, ValidationError):
+        raise Refused(422, f"{name}: a list of image ids, e.g. 3,17,42") from None
+    if len(ids) > MAX_PICTURES:
+        raise Refused(422, f"{name}: at most {MAX_PICTURES} images")
+    return ids
+
+
+async def read_upload(request: Request, limit: int) -> tuple[bytes, dict[str, str]]:
+    """The bytes of the form's `image` file, at most `limit` of them (the guard has already refused, while it
+    streamed in, any body larger than that and its framing), and the form's short text fields."""
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise Refused(415, "send the picture as multipart/form-data in a field named `image`")
     async with request.form(max_files=1, max_fields=10) as form:
@@ -349,15 +241,12 @@ async def read_upload(request: Request, limit: int) -> bytes:
         if upload is None or isinstance(upload, str):
             raise Refused(422, "the form has no file field named `image`")
         data = await upload.read(limit + 1)
+        fields = {key: value for key, value in form.items() if isinstance(value, str) and len(value) <= 2000}
     if len(data) > limit:
         raise Refused(413, too_large(limit))
     if not data:
         raise Refused(422, "the upload is empty")
-    return data
-
-
-def too_large(limit: int) -> str:
-    return f"the upload is larger than the limit of {limit / (1024 * 1024):.3g} MB"
+    return data, fields
 
 
 def no_delay(transport) -> None:
@@ -377,11 +266,15 @@ class NoDelayHTTP(AutoHTTPProtocol):
         super().connection_made(transport)
 
 
-def run(*, host: str, port: int, workers: int, collection: str | None, max_upload_mb: float | None, log_level: str = "info") -> None:
+def run(*, host: str, port: int, workers: int, collection: str | None, max_upload_mb: float | None = None,
+        max_pixels: int | None = None, allowed_hosts=(), token: str | None = None, log_level: str = "info") -> None:
     """Serve until interrupted; workers are separate processes, each building the app through app_from_environment."""
     import uvicorn
 
     os.environ["RIS_SERVE_COLLECTION"] = collection or ""
     os.environ["RIS_SERVE_MAX_UPLOAD_MB"] = str(max_upload_mb or MAX_UPLOAD_MB)
+    os.environ["RIS_SERVE_MAX_PIXELS"] = str(max_pixels or MAX_PIXELS)
+    os.environ["RIS_SERVE_ALLOWED_HOSTS"] = " ".join(allowed_hosts)
+    os.environ["RIS_SERVE_TOKEN"] = token or ""
     uvicorn.run("search.serve:app_from_environment", factory=True, host=host, port=port, workers=workers, log_level=log_level,
                 http=NoDelayHTTP)

@@ -50,21 +50,23 @@ def db(settings):
 
 
 @pytest.fixture(scope="session")
-def extractor():
-    """The real ResNet50 with seeded random weights, built once per process."""
+def extractor(settings):
+    """The real ResNet50 with seeded random weights on the runtime `auto` picks (OpenVINO on a processor), built once
+    per process; its IR is cached in the session's RIS_HOME."""
     from ingest.features import extractor_for
 
-    return extractor_for("random")
+    return extractor_for("random", models_dir=settings.models_dir)
 
 
 class FakeExtractor:
-    """A deterministic stand-in for ResNet50 behind the same interface (weights, fingerprint, embed): 2048 features
+    """A deterministic stand-in for ResNet50 behind the same interface (weights, precision, runtime, fingerprint, embed): 2048 features
     from a fixed random projection of an 8x8 colour thumbnail, so similar pictures get similar vectors.
 
     For tests about storing and searching vectors; it costs microseconds where the real model costs seconds."""
 
     weights = "fake"
     precision = "fp32"
+    runtime = "openvino"
     fingerprint = hashlib.sha256(b"tests.conftest.FakeExtractor v1").hexdigest()
 
     def __init__(self):
@@ -78,13 +80,15 @@ class FakeExtractor:
 
 @pytest.fixture(scope="session")
 def fake_extractor():
-    """The fake extractor, also registered in the process's extractor cache under its weights name, so collections
-    made with it answer queries by file like any other."""
-    from ingest import features
+    """The fake extractor, registered as the process's extractor of its weights on every runtime
+    (ingest.features.register_extractor, as real ones are), so collections made with it answer queries by file like
+    any other; removed after the session."""
+    from ingest.features import register_extractor
 
     fake = FakeExtractor()
-    features._extractors[fake.weights, fake.precision] = fake
-    return fake
+    unregister = register_extractor(fake, ("openvino", "tensorflow"))
+    yield fake
+    unregister()
 
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (240, 220, 40)}

@@ -1,4 +1,4 @@
-"""Issue 5, bad files: one `ingest load folder` (a real process, the real ResNet50 with random weights, the
+"""Bad files: one `ingest load folder` (a real process, the real ResNet50 with random weights, the
 embedded PostgreSQL, a real Annoy file) over a folder of broken, unusual, oddly named and hidden files.
 
 Every usable picture is stored, every unusable one is in ingest_failures with its reason, hidden files are
@@ -26,7 +26,8 @@ from tests.conftest import COLOURS, make_picture
 from tests.test_images import encode, gradient, png_announcing
 from tests.test_robustness import BIN, LOAD_OPTIONS, PROCESS_TIMEOUT, Finished, child_env, cli, collection_id
 
-FOLDER_NAME = "bäd \"fîles\" 'x'"  # also the collection's name: quotes and non-ASCII in status and search -c
+FOLDER_NAME = "bäd \"fîles\" 'x'"  # quotes and non-ASCII: the collection is named after it, made valid
+COLLECTION = "bad-files-x"
 SPACE, QUOTES, NEWLINE, UNICODE = "names/with space.jpg", "names/quote's \"double\".jpg", "names/new\nline.jpg", "names/ünïcødé 日本語 ß.jpg"
 ODD_LABEL = "l'été \"q\"\nx"
 RECOVERED = "broken/garbage_recovered.jpg"  # libjpeg decodes through random bytes in the scan data, or refuses
@@ -119,6 +120,7 @@ BAD = {
     "broken/truncated.jpg": r"truncated image",
     "broken/garbage.jpg": r"broken image data: .+",
     "broken/bomb.png": r"decompression bomb: 1600000000 pixels exceeds the limit of \d+",
+    "broken/huge.jpg": r"file too large: 3072 MB exceeds the limit of 200 MB \(--max-file-mb\)",
     "links/loop.jpg": r"cannot read: \[Errno 40\] Too many levels of symbolic links",
     "links/dangling.jpg": r"cannot read: \[Errno 2\] No such file or directory",
 }
@@ -144,6 +146,8 @@ def make_bad_folder(root: Path, outside: Path) -> None:
     for rel, data in files.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(data)
+    with open(root / "broken" / "huge.jpg", "wb") as f:
+        f.truncate(3 * 2**30)  # sparse: 3 GB by its size, no disk used; refused unread
     (root / "links").mkdir()
     outside.mkdir()
     (outside / "o.jpg").write_bytes(jpeg(picture(16)))
@@ -191,7 +195,7 @@ def bad_load(db, ris_home, tmp_path_factory) -> Load:
     make_bad_folder(root, base / "outside")
     argv = [str(BIN / "ingest"), "load", "folder", str(root), *LOAD_OPTIONS, "--batch-size", "8", "--json"]
     result, max_rss = run_measured(argv, child_env(ris_home), base / "load")
-    return Load(Path(os.path.abspath(root)), FOLDER_NAME, result, max_rss)
+    return Load(root.resolve(), COLLECTION, result, max_rss)
 
 
 def stored(db, load: Load) -> dict[str, dict]:
@@ -222,7 +226,7 @@ def test_load_exits_0_and_counts_every_file(bad_load):
     assert bad_load.result.returncode == 0, bad_load.result.stderr
     assert "Traceback" not in bad_load.result.stderr
     summary = json.loads(bad_load.result.stdout)
-    assert summary["collection"] == FOLDER_NAME
+    assert summary["collection"] == COLLECTION
     assert summary["ingested"] + summary["failed"] == len(GOOD) + len(BAD) + 1  # + RECOVERED, one or the other
     assert summary["failed"] in (len(BAD), len(BAD) + 1) and summary["present"] == 0
     assert summary["skipped"] == 1  # notes.txt; hidden files are not even counted
@@ -261,7 +265,8 @@ def test_hidden_files_are_nowhere(db, bad_load):
 
 
 def test_memory_stays_bounded_with_a_decompression_bomb(bad_load):
-    """The bomb announces 40000x40000 pixels; it is refused from its header, so the load peaks at the model's size."""
+    """The bomb announces 40000x40000 pixels; it is refused from its header, and the 3 GB file from its size, so
+    the load peaks at the model's size."""
     assert bad_load.max_rss < MEMORY_LIMIT, f"peak RSS {bad_load.max_rss / 2**30:.2f} GB"
 
 
@@ -337,12 +342,12 @@ def test_odd_names_round_trip_through_search_sql_json(db, bad_load, ris_home):
     assert recorded and any("\n" in r["path"] and "ü" in r["path"] for r in recorded)
 
 
-def test_collection_name_round_trips_through_ingest_status_json(db, bad_load, ris_home):
+def test_folder_name_with_quotes_and_accents_names_its_collection_made_valid(db, bad_load, ris_home):
     status = cli(ris_home, "ingest", "status", "--json")
     assert status.returncode == 0, status.stderr
-    entry = next(c for c in json.loads(status.stdout)["collections"] if c["name"] == FOLDER_NAME)
+    entry = next(c for c in json.loads(status.stdout)["collections"] if c["name"] == COLLECTION)
     assert entry["images"] == len(stored(db, bad_load)) and entry["failures"] == len(failures(db, bad_load))
     annoy = entry["annoy"]
-    assert Path(annoy["path"]) == ris_home.resolve() / "annoy" / read_sidecar(ris_home.resolve() / "annoy", FOLDER_NAME).file
-    assert Path(annoy["path"]).name.startswith(f"{FOLDER_NAME}.") and Path(annoy["path"]).exists()
+    assert Path(annoy["path"]) == ris_home.resolve() / "annoy" / read_sidecar(ris_home.resolve() / "annoy", COLLECTION).file
+    assert Path(annoy["path"]).name.startswith(f"{COLLECTION}.") and Path(annoy["path"]).exists()
     assert (annoy["items"], annoy["fresh"], annoy["delta"]) == (entry["images"], True, 0)

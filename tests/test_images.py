@@ -7,6 +7,8 @@ import struct
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 import warnings
 import zlib
 from pathlib import Path
@@ -15,8 +17,9 @@ import numpy as np
 import pytest
 from PIL import ExifTags, Image, ImageFile
 
+from ingest import images
 from ingest.errors import ImageError
-from ingest.images import INPUT_SIZE, MAX_PIXELS, DecodedImage, decode_image, read_and_decode
+from ingest.images import INPUT_SIZE, MAX_PIXELS, DecodeBudget, DecodedImage, decode_image, read_and_decode, read_file
 
 WHITE = (255, 255, 255)
 REPO = Path(__file__).resolve().parents[1]
@@ -286,3 +289,93 @@ def test_read_and_decode_empty_file(tmp_path):
     path.touch()
     with pytest.raises(ImageError, match="^empty file$"):
         read_and_decode(path)
+
+
+# --- memory: the decode budget, max_pixels, the file size limit ----------------------------------
+
+
+def holding(budget: DecodeBudget, pixels: int, started: threading.Event, release: threading.Event, log: list):
+    """A thread body: hold `pixels` of the budget until `release` is set, logging when it got them."""
+    def run():
+        with budget.decoding(pixels):
+            log.append(pixels)
+            started.set()
+            release.wait(10)
+    return threading.Thread(target=run, daemon=True)
+
+
+def test_decode_budget_makes_a_decode_wait_while_others_use_it():
+    budget = DecodeBudget(100)
+    log: list[int] = []
+    first_in, second_in, release = threading.Event(), threading.Event(), threading.Event()
+    first = holding(budget, 70, first_in, release, log)
+    second = holding(budget, 40, second_in, threading.Event(), log)
+    first.start()
+    assert first_in.wait(5)
+    second.start()
+    assert not second_in.wait(0.3) and budget.in_use == 70  # 70 + 40 > 100: it waits
+    release.set()
+    assert second_in.wait(5) and log == [70, 40]
+
+
+def test_decode_budget_lets_a_picture_larger_than_itself_run_alone():
+    budget = DecodeBudget(100)
+    with budget.decoding(250):  # no deadlock: it holds the whole budget
+        assert budget.in_use == 100
+        started = threading.Event()
+        holding(budget, 1, started, threading.Event(), []).start()
+        assert not started.wait(0.3)  # nothing runs beside it
+    assert started.wait(5)
+
+
+def test_decode_budget_serves_waiters_in_arrival_order():
+    """A large picture waiting is not overtaken by small ones arriving after it, which would starve it."""
+    budget = DecodeBudget(100)
+    log: list[int] = []
+    release = threading.Event()
+    holder_in = threading.Event()
+    holding(budget, 60, holder_in, release, log).start()
+    assert holder_in.wait(5)
+    large_in, small_in = threading.Event(), threading.Event()
+    holding(budget, 90, large_in, threading.Event(), log).start()
+    time.sleep(0.1)
+    holding(budget, 10, small_in, threading.Event(), log).start()  # would fit now, but arrived after the large one
+    assert not small_in.wait(0.3)
+    release.set()
+    assert large_in.wait(5) and small_in.wait(5)
+    assert log == [60, 90, 10]
+
+
+def test_decode_image_holds_the_budget_for_what_it_decodes(monkeypatch):
+    """A JPEG is weighed at its draft size (1/8 here), a PNG at its full size."""
+    weights = []
+    real = images.decode_budget.decoding
+
+    def recording(pixels):
+        weights.append(pixels)
+        return real(pixels)
+
+    monkeypatch.setattr(images.decode_budget, "decoding", recording)
+    decode_image(encode(gradient(4000, 2000), "JPEG"))
+    decode_image(encode(gradient(600, 400), "PNG"))
+    assert weights == [500 * 250, 600 * 400]
+    assert images.decode_budget.in_use == 0
+
+
+def test_max_pixels_keyword_lowers_the_limit():
+    data = encode(gradient(300, 200), "PNG")
+    with pytest.raises(ImageError, match=r"^decompression bomb: 300x200 pixels exceeds the limit of 50000$"):
+        decode_image(data, max_pixels=50_000)
+    assert decode_image(data, max_pixels=60_000).width == 300
+
+
+def test_read_file_refuses_a_file_over_the_limit_before_reading_it(tmp_path):
+    path = tmp_path / "big.jpg"
+    with open(path, "wb") as f:
+        f.truncate(5 * 2**20)  # sparse: nothing to read, but 5 MB by its size
+    with pytest.raises(ImageError, match=r"^file too large: 5 MB exceeds the limit of 1 MB \(--max-file-mb\)$"):
+        read_file(path, max_bytes=2**20)
+    with images.file_size_limit(2**20):
+        with pytest.raises(ImageError, match="^file too large"):
+            read_and_decode(path)
+    assert len(read_file(path)) == 5 * 2**20  # the default limit is restored after the block

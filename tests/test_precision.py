@@ -1,8 +1,12 @@
-"""--precision: fp32 features unchanged, bf16 close to them and float32, `auto` decided by the hardware both ways,
-a collection's precision recorded and enforced, and a GPU's feeding (larger batch, a decode thread per core)."""
+"""--precision and --runtime: TensorFlow's fp32 features unchanged, bf16 close to them and float32, `auto` decided by
+the hardware both ways (precision and runtime), the hardware found without TensorFlow, a collection's precision
+recorded and enforced, and a GPU's feeding (larger batch, a decode thread per core).
+OpenVINO against Keras, picture by picture, is tests/test_runtime.py."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,8 +15,9 @@ from click.testing import CliRunner
 from ingest import precision as precision_module
 from ingest.cli import cli as ingest_cli
 from ingest.collection import Collection
-from ingest.errors import WeightsError
-from ingest.precision import Feeding, Hardware, choose, cpu_flags, feeding
+from ingest.errors import RisError, WeightsError
+from ingest.features import register_extractor
+from ingest.precision import Feeding, Hardware, choose, choose_runtime, cpu_flags, feeding, nvidia_gpus
 from search.cli import cli as search_cli
 from tests.conftest import FakeExtractor, collection_row, make_folder
 
@@ -28,27 +33,37 @@ def pixels(n=4, seed=0) -> np.ndarray:
 # --- the model -----------------------------------------------------------------------------------
 
 
-def test_fp32_features_equal_the_plain_keras_computation(extractor):
-    """The fp32 extractor is what it was before precisions existed: ResNet50(seed 0) on preprocess_input."""
+@pytest.fixture(scope="module")
+def tf_extractor(settings):
+    """The TensorFlow extractor (`--runtime tensorflow`) of the random weights at fp32."""
+    from ingest.features import extractor_for
+
+    return extractor_for("random", "fp32", "tensorflow", models_dir=settings.models_dir)
+
+
+def test_fp32_features_equal_the_plain_keras_computation(tf_extractor):
+    """TensorFlow's fp32 extractor is what it was before precisions existed: ResNet50(seed 0) on preprocess_input."""
     import keras
     from keras.applications.resnet50 import preprocess_input
 
+    extractor = tf_extractor
     keras.utils.set_random_seed(0)
     plain = keras.applications.ResNet50(include_top=False, pooling="avg", weights=None)
     x = pixels()
     want = plain(preprocess_input(x.astype(np.float32)), training=False).numpy()
     got = extractor.embed(x)
-    assert extractor.precision == "fp32" and got.dtype == np.float32
+    assert (extractor.precision, extractor.runtime) == ("fp32", "tensorflow") and got.dtype == np.float32
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
-def test_bf16_features_are_float32_close_to_fp32_and_share_the_fingerprint(extractor):
+def test_bf16_features_are_float32_close_to_fp32_and_share_the_fingerprint(tf_extractor, settings):
     import keras
 
     from ingest.features import extractor_for
 
-    bf16 = extractor_for("random", "bf16")
-    assert bf16 is extractor_for("random", "bf16") and bf16 is not extractor
+    extractor = tf_extractor
+    bf16 = extractor_for("random", "bf16", "tensorflow", models_dir=settings.models_dir)
+    assert bf16 is extractor_for("random", "bf16", "tensorflow") and bf16 is not extractor
     assert bf16.fingerprint == extractor.fingerprint  # the same weights; the precision is recorded on its own
     assert keras.config.dtype_policy().name == "float32"  # a per-model policy: the process default is untouched
     x = pixels()
@@ -69,6 +84,23 @@ def test_auto_follows_native_bf16(hw, want):
     assert choose("auto", None, hw) == want
 
 
+@pytest.mark.parametrize("hw, precision, want", [(PLAIN_CPU, "fp32", "openvino"), (BF16_CPU, "bf16", "openvino"),
+                                                   (PLAIN_CPU, "bf16", "tensorflow"), (GPU, "fp32", "tensorflow"),
+                                                   (GPU, "bf16", "tensorflow")])
+def test_auto_runtime_is_openvino_on_processors_and_tensorflow_on_gpus(hw, precision, want):
+    """bf16 on a processor without it: TensorFlow, which emulates it, so a bf16 collection stays bf16 there."""
+    assert choose_runtime("auto", precision, hw) == want
+
+
+def test_explicit_runtime_wins_and_openvino_refuses_bf16_it_cannot_compute():
+    assert choose_runtime("tensorflow", "fp32", BF16_CPU) == "tensorflow"
+    assert choose_runtime("openvino", "fp32", GPU) == "openvino"
+    with pytest.raises(RisError, match="OpenVINO computes bf16 only on processors that do it natively"):
+        choose_runtime("openvino", "bf16", PLAIN_CPU)
+    with pytest.raises(RisError, match="runtime must be one of auto, openvino, tensorflow"):
+        choose_runtime("onnx", "fp32", PLAIN_CPU)
+
+
 def test_auto_keeps_a_collections_precision_and_explicit_wins(monkeypatch):
     monkeypatch.setattr(precision_module, "hardware", lambda: pytest.fail("no need to look at the hardware"))
     assert choose("auto", "fp32") == "fp32"
@@ -83,34 +115,60 @@ def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
     assert cpu_flags(tmp_path / "missing") == set()
 
 
-def test_hardware_reports_this_machine():
-    hw = precision_module.hardware()
-    assert hw.cpu_bf16 == bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
-    assert isinstance(hw.gpus, tuple)
+def test_hardware_is_found_without_tensorflow():
+    """What OpenVINO says of the processor, and the NVIDIA driver's GPUs, in a process that never imports TensorFlow."""
+    code = ("import sys; from ingest.precision import hardware, openvino_cpu_bf16; hw = hardware(); "
+            "print(hw.cpu_bf16 == openvino_cpu_bf16(), hw.gpus == () or 'nvidia', 'tensorflow' in sys.modules)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    if nvidia_gpus():  # TensorFlow tells the GPUs' compute capability, and runs on them
+        pytest.skip("this machine has an NVIDIA GPU")
+    assert run.stdout.split() == ["True", "True", "False"]
+
+
+def test_openvino_and_cpuinfo_agree_on_bf16():
+    import openvino
+
+    assert ("BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")) == precision_module.hardware().cpu_bf16
+    if precision_module.hardware().cpu_bf16:
+        assert {"avx512_bf16", "amx_bf16"} & cpu_flags()
+
+
+def test_nvidia_gpus_are_read_from_the_drivers_files(tmp_path):
+    (tmp_path / "0000:3b:00.0").mkdir()
+    (tmp_path / "0000:3b:00.0" / "information").write_text("Model: \t\t NVIDIA A100-SXM4-40GB\nIRQ: \t\t 42\n")
+    (tmp_path / "0000:af:00.0").mkdir()
+    assert nvidia_gpus(tmp_path) == ("NVIDIA A100-SXM4-40GB", "0000:af:00.0")
+    assert nvidia_gpus(tmp_path / "missing") == ()
 
 
 def test_gpu_feeding_uses_bigger_batches_and_every_core(monkeypatch):
     monkeypatch.setattr(precision_module.os, "cpu_count", lambda: 16)
     assert feeding(PLAIN_CPU, "fp32") == Feeding(32, 2, None)
-    gpu = feeding(GPU, "bf16")
+    gpu = feeding(GPU, "bf16", runtime="tensorflow")
     assert (gpu.batch_size, gpu.workers) == (128, 16)
     assert "GPU" in gpu.device_line and "/physical_device:GPU:0" in gpu.device_line
-    assert (feeding(GPU, "bf16", batch_size=8, workers=3).batch_size, feeding(GPU, "bf16", workers=3).workers) == (8, 3)
+    assert feeding(GPU, "bf16", runtime="openvino") == Feeding(32, 2, None)  # OpenVINO asked for: the processor's feeding
+    tf = dict(runtime="tensorflow")
+    assert (feeding(GPU, "bf16", batch_size=8, workers=3, **tf).batch_size, feeding(GPU, "bf16", workers=3, **tf).workers) == (8, 3)
 
 
 # --- through the commands ------------------------------------------------------------------------
 
 
+def fake(precision: str, runtime: str = "openvino") -> FakeExtractor:
+    made = FakeExtractor()
+    made.precision, made.runtime = precision, runtime
+    return made
+
+
 @pytest.fixture
 def fakes(fake_extractor):
-    """The fake extractor at both precisions, in the process's cache, so loads cost no ResNet50."""
-    from ingest import features
-
-    bf16 = FakeExtractor()
-    bf16.precision = "bf16"
-    features._extractors["fake", "bf16"] = bf16
+    """The fake extractor at both precisions, registered as the process's, so loads cost no ResNet50."""
+    bf16 = fake("bf16")
+    unregister = register_extractor(bf16, ("openvino", "tensorflow"))
     yield {"fp32": fake_extractor, "bf16": bf16}
-    features._extractors.pop(("fake", "bf16"), None)
+    unregister()
 
 
 def load(folder, name, *extra):
@@ -151,7 +209,16 @@ def test_a_collection_keeps_its_precision(db, settings, tmp_path, fakes, monkeyp
     assert query.exit_code == 0, query.output
 
 
-def test_a_gpu_load_says_so_first_and_feeds_it_more(db, tmp_path, fakes, monkeypatch):
+@pytest.fixture
+def tensorflow_fakes(fakes):
+    """Fakes standing for TensorFlow at both precisions too: what `auto` runs on a GPU."""
+    undo = [register_extractor(fake(precision, "tensorflow")) for precision in ("fp32", "bf16")]
+    yield
+    for unregister in undo:
+        unregister()
+
+
+def test_a_gpu_load_says_so_first_and_feeds_it_more(db, tmp_path, tensorflow_fakes, monkeypatch):
     from ingest import load as load_module
 
     monkeypatch.setattr(precision_module, "hardware", lambda: GPU)

@@ -1,4 +1,4 @@
-"""Issue 11: `ingest load --ray`: the same rows and features as one machine, and no row lost or doubled when an
+"""`ingest load --ray`: the same rows and features as one machine, and no row lost or doubled when an
 actor or the driver is killed. One local Ray (this machine's CPUs) serves the whole module; the real ResNet50
 (random weights) runs in its actors; the real embedded PostgreSQL stores the rows.
 """

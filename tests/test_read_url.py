@@ -1,4 +1,4 @@
-"""Issue 11: search from a read replica (`--read-url` / DATABASE_READ_URL) while writes go to the primary.
+"""Search from a read replica (`--read-url` / DATABASE_READ_URL) while writes go to the primary.
 
 A real streaming replica (pg_basebackup -R of a second PostgreSQL): its WAL replay is paused to make it lag,
 which shows as fewer rows (the newest are not there yet), never as wrong ones; resumed, it catches up.
@@ -89,7 +89,8 @@ def test_queries_go_to_the_replica_and_its_lag_shows_as_fewer_rows(ris_home, tmp
     similar = ("similar", "--id", "1", "-k", "100", "-c", "replicated", "--engine")
     for engine in ("pgvector", "annoy"):
         assert len(search(ris_home, primary, *similar, engine)) == 12, engine  # the replica's rows, each once
-    with TestClient(create_app(Settings.load(primary.url()), collection="replicated")) as client:  # DATABASE_READ_URL set
+    app = create_app(Settings.load(primary.url()), collection="replicated")  # DATABASE_READ_URL set
+    with TestClient(app, base_url="http://127.0.0.1") as client:  # a Host the server answers to
         hits = client.get("/api/collections/replicated/images/1/similar", params={"k": 100, "engine": "pgvector"}).json()["hits"]
     assert len(hits) == 12  # `search serve` reads from the replica too
 

