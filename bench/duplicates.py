@@ -42,7 +42,7 @@ def threshold_figures(coll, sample: int, seed: int, threshold: float) -> dict:
     ids, vectors = coll.read_vectors("embedding")
     chosen = np.sort(np.random.default_rng(seed).choice(len(ids), min(sample, len(ids)), replace=False))
     details = coll.details(ids[chosen].tolist())
-    pixels = np.stack([decode_image(copy_of(details[int(ids[i])][0])).pixels for i in chosen])
+    pixels = np.stack([decode_image(copy_of(details[int(ids[i])].path)).pixels for i in chosen])
     copies = coll.embed(pixels)[1]
     near = np.linalg.norm(copies - vectors[chosen], axis=1)
     distinct = []
@@ -51,7 +51,7 @@ def threshold_figures(coll, sample: int, seed: int, threshold: float) -> dict:
         d[i] = np.inf
         distinct.append(d.min())
     distinct = np.array(distinct)
-    labels = np.array([coll.details(ids.tolist())[int(i)][1] for i in ids])
+    labels = np.array([coll.details(ids.tolist())[int(i)].label for i in ids])
     same_class = np.concatenate([np.linalg.norm(vectors[(labels == labels[i]) & (np.arange(len(ids)) != i)] - vectors[i], axis=1)
                                  for i in chosen])
     pct = lambda a, q: float(np.percentile(a, q))  # noqa: E731

@@ -39,14 +39,16 @@ from bench.distributed import ray_options
 from bench.machine import CpuWatch, cpu_model, peak_rss_mib
 from ingest import load as load_module
 from ingest import sources, store
+from ingest.batches import LoadSummary
 from ingest.caltech101 import EXCLUDED_CALTECH_LABELS, prepare_caltech101
 from ingest.collection import Collection
-from ingest.config import Settings
+from ingest.config import DEFAULT_BATCH_SIZE, Settings
 from ingest.db import connect, stop_embedded
 from ingest.errors import ImageError, RisError
+from ingest.feeding import CPU_WORKERS
 from ingest.images import decode_image, read_file
-from ingest.load import DEFAULT_BATCH_SIZE, DEFAULT_PCA_DIMS, LoadSummary, load_collection
-from ingest.precision import CPU_BF16_FLAGS, CPU_WORKERS, choose, cpu_flags, hardware
+from ingest.load import DEFAULT_PCA_DIMS, load_collection
+from ingest.precision import CPU_BF16_FLAGS, choose, cpu_flags, hardware
 
 FORWARD_TARGET = 0.85  # load images/s over its own bare forward images/s, at least
 NAIVE_TARGET = 2.5  # load images/s over per-image predict images/s, at least

@@ -34,8 +34,8 @@ def by_sha(coll: Collection, kind: str) -> tuple[dict[str, np.ndarray], dict[str
     """sha256 -> vector and sha256 -> label of every row of `kind` of a collection."""
     ids, vectors = coll.read_vectors(kind)
     details = coll.details(ids.tolist())
-    sha = [details[i][2] for i in ids.tolist()]
-    return dict(zip(sha, vectors)), {details[i][2]: details[i][1] for i in ids.tolist()}
+    sha = [details[i].sha256 for i in ids.tolist()]
+    return dict(zip(sha, vectors)), {details[i].sha256: details[i].label for i in ids.tolist()}
 
 
 def precision_at(neighbours: np.ndarray, labels: list[str | None], p: int) -> float:

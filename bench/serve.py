@@ -73,7 +73,7 @@ def upload_bodies(coll: Collection, n: int, seed: int) -> list[bytes]:
     """Stored pictures re-encoded (other bytes, so the server runs the CNN instead of finding them by sha256)."""
     ids = np.random.default_rng(seed).choice(coll.image_ids(), n, replace=False).tolist()
     bodies = []
-    for path, _, _ in coll.details(ids).values():
+    for path in (d.path for d in coll.details(ids).values()):
         out = io.BytesIO()
         Image.open(path).convert("RGB").save(out, "JPEG", quality=87)
         bodies.append(multipart(out.getvalue()))
@@ -225,7 +225,7 @@ def main(collection, clients, uploaders, seconds, workers, engine, k, seed, shot
         by_id = run_phase(port, server.pid, coll.name, ["by id"] * clients, ids, bodies, params, seconds)
         mixed = run_phase(port, server.pid, coll.name, ["upload"] * uploaders + ["by id"] * (clients - uploaders), ids, bodies, params, seconds)
         if shot:
-            path = next(iter(coll.details(ids[:1]).values()))[0]
+            path = next(iter(coll.details(ids[:1]).values())).path
             screenshot(port, Path(path), shot)
     finally:
         os.killpg(server.pid, signal.SIGTERM)

@@ -33,10 +33,13 @@ _EXPORTS = {
     "survive_restarts": "ingest.db",
     "reading": "ingest.reader",
     "limit_statements": "ingest.reader",
-    "raw_cursor": "ingest.store",
+    # what is stored: a picture's details, and counts of a collection's pictures
+    "ImageDetails": "ingest.store",
+    "count_searchable": "ingest.counts",
+    "label_counts": "ingest.counts",
     # where pictures live: every file holding each image (duplicates)
-    "identical_files": "ingest.paths",
-    "paths_of": "ingest.paths",
+    "identical_files": "ingest.image_paths",
+    "paths_of": "ingest.image_paths",
     # the largest picture ingest decodes, the process-wide budget of pixels decoded at once (`with decoding(w * h):`),
     # the largest file read, and how any picture becomes RGB (the web server's uploads and thumbnails)
     "MAX_PIXELS": "ingest.images",
@@ -52,6 +55,8 @@ _EXPORTS = {
     # vectors and fine-tuning runs, for reports
     "normalize": "ingest.reduce",
     "holdout_hashes": "ingest.splits",
+    "finetune_runs": "ingest.splits",
+    "split_by_hash": "ingest.splits",
     # the command-line pieces both commands share
     "ErrorHandlingGroup": "ingest.options",
     "collection_option": "ingest.options",

@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING
 import click
 
 from ingest.config import DEFAULT_BATCH_SIZE, DEFAULT_MAX_FILE_MB, DEFAULT_TREES
-from ingest.options import (ErrorHandlingGroup, collection_option, database_option, json_option, new_collection_name, open_database,
-                            precision_option, print_json, runtime_option)
-from ingest.precision import GPU_BATCH_SIZE
+from ingest.options import (ErrorHandlingGroup, LoadOptions, collection_option, database_option, json_option, new_collection_name,
+                            open_database, precision_option, print_json, runtime_option)
+from ingest.feeding import GPU_BATCH_SIZE
 
 if TYPE_CHECKING:
-    from ingest.load import LoadSummary
+    from ingest.batches import LoadSummary
 
 
 @click.group(cls=ErrorHandlingGroup)
@@ -89,7 +89,8 @@ def load_caltech101(source, **options):
         root = prepare_caltech101(source, settings.datasets_dir)
         return root, *walk_folder(root, exclude_labels=EXCLUDED_CALTECH_LABELS, path_filter=path_filter)
 
-    run_load(settings, db, options.pop("collection") or "caltech101", find_candidates, **options)
+    name, as_json = options.pop("collection") or "caltech101", options.pop("as_json")
+    run_load(settings, db, name, find_candidates, LoadOptions(**options), as_json=as_json)
 
 
 @load.command("folder")
@@ -108,42 +109,43 @@ def load_folder(path, **options):
     path_filter = PathFilter.of(options.pop("include"), options.pop("exclude"))
     settings, db = open_database(options.pop("database_url"), runtime=options.pop("runtime"))
     found = walk_folder(path, path_filter=path_filter)
-    run_load(settings, db, options.pop("collection") or folder_collection_name(path), lambda: (path, *found), **options)
+    name, as_json = options.pop("collection") or folder_collection_name(path), options.pop("as_json")
+    run_load(settings, db, name, lambda: (path, *found), LoadOptions(**options), as_json=as_json)
 
 
-def run_load(settings, db, name, find_candidates, weights, pca_dims, limit_per_class, batch_size, workers, precision, trees, strict,
-             max_file_mb, prune, ray_address, ray_actors, as_json):
+def run_load(settings, db, name: str, find_candidates, options: LoadOptions, *, as_json: bool = False):
     """Shared tail of every load: build the model first, so weights that cannot be had fail before any
     download or extraction; then find the pictures, load them and bring the collection in step with the
     folder (ingest/sync.py), report. With --ray, Ray starts first: TensorFlow must not be loaded here before it."""
     from ingest.features import extractor_for
     from ingest.images import file_size_limit
     from ingest.load import load_collection
-    from ingest.precision import feeding, plan_load
+    from ingest.feeding import feeding
+    from ingest.precision import plan_load
     from ingest.sources import limit_per_label
 
-    cluster = None
-    if ray_address:
+    o, cluster = options, None
+    if o.ray_address:
         from ingest import distributed
 
-        distributed.start(ray_address)
-        cluster = distributed.Cluster(ray_address, ray_actors, batch_size)
-    elif ray_actors:
+        distributed.start(o.ray_address)
+        cluster = distributed.Cluster(o.ray_address, o.ray_actors, o.batch_size)
+    elif o.ray_actors:
         raise click.UsageError("--ray-actors needs --ray")
-    precision, hw = plan_load(db, name, precision)
-    extractor = extractor_for(weights, precision, settings.runtime, models_dir=settings.models_dir)
-    feed = feeding(hw, precision, batch_size, workers, runtime=extractor.runtime)
+    precision, hw = plan_load(db, name, o.precision)
+    extractor = extractor_for(o.weights, precision, settings.runtime, models_dir=settings.models_dir)
+    feed = feeding(hw, precision, o.batch_size, o.workers, runtime=extractor.runtime)
     if feed.device_line:
         click.echo(feed.device_line, err=True)
     root, candidates, skipped = find_candidates()
-    if limit_per_class:
-        candidates = limit_per_label(candidates, limit_per_class)
-    with file_size_limit(max_file_mb * 2**20):
-        summary = load_collection(db, settings, name, candidates, extractor, pca_dims=pca_dims, batch_size=feed.batch_size,
-                                  workers=feed.workers, trees=trees, skipped=skipped, progress=not as_json, root=root,
-                                  prune=prune, cluster=cluster)
+    if o.limit_per_class:
+        candidates = limit_per_label(candidates, o.limit_per_class)
+    with file_size_limit(o.max_file_mb * 2**20):
+        summary = load_collection(db, settings, name, candidates, extractor, pca_dims=o.pca_dims, batch_size=feed.batch_size,
+                                  workers=feed.workers, trees=o.trees, skipped=skipped, progress=not as_json, root=root,
+                                  prune=o.prune, cluster=cluster)
     report_load(summary, as_json)
-    if strict and summary.failed:
+    if o.strict and summary.failed:
         raise click.ClickException(f"{summary.failed} file(s) could not be ingested (--strict); see table ingest_failures")
 
 
@@ -326,7 +328,7 @@ def db_upgrade(database_url):
     from ingest.db import HEAD_REVISION, upgrade
 
     _, database = open_database(database_url)
-    upgrade(database.sqlalchemy)
+    upgrade(database.engine)
     click.echo(f"database at revision {HEAD_REVISION}")
 
 

@@ -1,7 +1,7 @@
 """One collection: its database rows, its PCA, its model and its Annoy file, behind a few verbs.
 
 `Collection` is the library API that `ingest`, `search`, the report and fine-tuning all use:
-`create`/`named` open one, `add` stores pictures, `finish` brings PCA and the index up to date, `refit`
+`create`/`named` open one, `store_pictures` commits a load's batch (ingest/load.py), `finish` brings PCA and the index up to date, `refit`
 changes the dims, `embed` turns pixels into vectors, `vectors` reads them back in chunks, `query` makes a
 search vector from a file or a stored id, and `similar` returns the nearest images as `Hit`s.
 A query becomes a vector exactly as stored pictures did: through `embed`, with the collection's model.
@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator
 
 import numpy as np
 
-from ingest import hnsw, locks, store
+from ingest import counts, hnsw, locks, store
 from ingest.annoy_index import Sidecar, build_index, index_path, read_sidecar, staleness
 from ingest.config import DEFAULT_TREES, Settings
 from ingest.db import Database
@@ -28,8 +28,6 @@ from ingest.reduce import PCA_SAMPLE, PCA_SEED, Pca, fit_pca
 
 if TYPE_CHECKING:
     from ingest.features import Extractor
-    from ingest.load import LoadSummary
-    from ingest.sources import Candidate
 
 DEFAULT_COLLECTION = "caltech101"
 PCA_REFIT_GROWTH = 4  # `refit_due`: a PCA is refitted once the collection holds this many times the pictures it was fitted on
@@ -103,6 +101,14 @@ class Collection:
         self._engines.clear()  # they hold the old row (dims, PCA version)
         return self
 
+    def changed(self) -> bool:
+        """Whether another process refitted the PCA or built or dropped the HNSW index since the row was read (one
+        primary-key lookup; `reload` reads it all); CollectionError once the collection is removed."""
+        state = store.search_state(self.db, self.id)
+        if state is None:
+            raise CollectionError(f"collection {self.name!r} was removed")
+        return state != (self.row.pca_version, self.dims, self.row.hnsw)
+
     # --- what it is ---------------------------------------------------------------------------------
 
     @property
@@ -156,7 +162,7 @@ class Collection:
         if sidecar is None:
             return limit + 1
         removed = self.row.removed_rows - sidecar.removed_rows
-        return removed + store.delta_rows(self.db, self.id, sidecar.embedding_seq, limit)
+        return removed + counts.delta_rows(self.db, self.id, sidecar.embedding_seq, limit)
 
     # --- the model ----------------------------------------------------------------------------------
 
@@ -189,11 +195,17 @@ class Collection:
 
     # --- writing ------------------------------------------------------------------------------------
 
-    def add(self, candidates: list[Candidate], **options) -> LoadSummary:
-        """Store every new picture of `candidates`, then `finish`; options as ingest.load.add_pictures."""
-        from ingest.load import add_pictures
+    def stored_hashes(self) -> set[str]:
+        """The sha256 of every picture stored: a load reads these files' bytes but decodes and embeds only the others."""
+        return store.stored_hashes(self.db, self.id)
 
-        return add_pictures(self, candidates, **options)
+    def store_pictures(self, rows: list[store.ImageRow], raw: np.ndarray, embeddings: np.ndarray | None, *, pca_version: int) -> int:
+        """Commit a batch of new pictures in one transaction; returns how many were added (not those stored meanwhile)."""
+        return store.insert_images(self.db, self.id, rows, raw, embeddings, pca_version=pca_version)
+
+    def record_failures(self, failures: list[tuple[str, str]]) -> None:
+        """Remember why files (path, reason) could not be used (the table ingest_failures)."""
+        store.record_failures(self.db, self.id, failures)
 
     def finish(self, *, trees: int = DEFAULT_TREES, refit_dims: int | None = None, rebuild: bool = False,
                progress: bool = False) -> "Collection":
@@ -235,7 +247,7 @@ class Collection:
             _, raw = store.vectors_of(self.db, self.id, "raw", ids)
             pca = fit_pca(raw, dims)
             del raw
-            hnsw.drop(self.db, self.id)
+            hnsw.drop(self.db, self.id, rebuild=True)
             store.save_pca(self.db, self.id, pca)
         self.reload()
 
@@ -249,7 +261,7 @@ class Collection:
         at 100, 128, 512, 2048, ... pictures: a growing collection is refitted a logarithmic number of times."""
         if self.pca is None:
             return None
-        stored, at_fit = store.pca_growth(self.db, self.id)
+        stored, at_fit = counts.pca_growth(self.db, self.id)
         cut = self.pca.dims < dims and self.pca.dims >= at_fit
         if cut and stored >= dims:
             return dims
@@ -275,7 +287,7 @@ class Collection:
         return name
 
     def drop_hnsw(self) -> None:
-        hnsw.forget(self.db, self.id)
+        hnsw.drop(self.db, self.id)
         self.reload()
 
     # --- reading ------------------------------------------------------------------------------------
@@ -296,17 +308,17 @@ class Collection:
         """(ids, matrix) of some rows, in id order, read a chunk at a time; ids without such a vector are left out."""
         return store.vectors_of(self.db, self.id, kind, np.asarray(ids, dtype=np.int64))
 
-    def details(self, ids: list[int]) -> dict[int, tuple[str, str | None, str]]:
-        """id -> (path, label, sha256) of some of the collection's images (ids of other collections are left out)."""
+    def details(self, ids: list[int]) -> dict[int, store.ImageDetails]:
+        """id -> path, label and sha256 of some of the collection's images (ids of other collections are left out)."""
         return store.image_details(self.db, self.id, ids)
 
-    def check_searchable(self, engine: str = EngineName.PGVECTOR) -> None:
+    def check_searchable(self, engine: str = EngineName.PGVECTOR, *, count_rows: bool = True) -> None:
         """Refuse, before any work, what cannot answer: an empty or unfinished collection, an unknown engine,
-        or (for 'annoy') a missing, stale or damaged index file. Says what to run."""
-        if self.pca is None or store.count_searchable(self.db, self.id) == 0:
+        or (for 'annoy') a missing, stale or damaged index file. Says what to run. Without `count_rows` a
+        collection with a PCA counts as searchable (a search per request cannot afford a count)."""
+        if self.pca is None or (count_rows and counts.count_searchable(self.db, self.id) == 0):
             raise CollectionError(f"collection {self.name!r} has no searchable images yet; run `ingest load` (or `ingest index`)")
-        problem = self.engine(engine).problem()
-        if problem:
+        if problem := self.engine(engine).problem():
             raise IndexFileError(problem)
 
     def query(self, *, image: Path | None = None, image_id: int | None = None, space: str = "pca") -> Query:
@@ -334,15 +346,15 @@ class Collection:
         raw, embedding = self.embed(pixels[np.newaxis])
         return Query(embedding[0], path=str(path.absolute()), raw=raw[0])
 
-    def stored_query(self, found: tuple, space: str) -> Query:
-        """The Query of a stored image (id, path, label, embedding), with its raw features if space is 'raw'."""
+    def stored_query(self, found: store.StoredImage, space: str) -> Query:
+        """The Query of a stored image, with its raw features if space is 'raw'."""
         raw = None
         if space == "raw":
-            ids, vectors = self.vectors_of("raw", [found[0]])
+            ids, vectors = self.vectors_of("raw", [found.id])
             if not len(ids):
-                raise CollectionError(f"image {found[0]} of {self.name!r} has no raw features stored; search it with --space pca")
+                raise CollectionError(f"image {found.id} of {self.name!r} has no raw features stored; search it with --space pca")
             raw = vectors[0]
-        return Query(found[3], found[0], found[1], found[2], raw)
+        return Query(found.embedding, found.id, found.path, found.label, raw)
 
     def engine(self, name: str = EngineName.PGVECTOR) -> Engine:
         """The engine registered as `name` (ingest/engines.py), opened once per Collection object and name: knobs go with
@@ -382,7 +394,5 @@ class Collection:
         """Exact search over the raw features; refuses an approximate engine, whose index holds PCA embeddings only."""
         if engine_name(engine) != EngineName.PGVECTOR:
             raise RisError(f"--space raw is exact KNN over the 2048-d features; --engine {engine} searches the PCA space only")
-        if "raw" not in self._engines:
-            self._engines["raw"] = RawSearch(self.db, self.row, self.settings)
-        return self._engines["raw"]
+        return self._engines.setdefault("raw", RawSearch(self.db, self.row, self.settings))  # (opening one reads nothing)
 

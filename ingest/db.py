@@ -30,7 +30,7 @@ class Database:
     """A SQLAlchemy connection pool plus where it points: `kind` is "embedded", "external" or "replica" (read-only),
     or "reader" for the pool that runs users' SQL (`reader()`). `settings` are those it was opened with."""
 
-    sqlalchemy: Engine
+    engine: Engine
     kind: str
     settings: Settings | None = field(default=None, repr=False, compare=False)
     _reader: Database | None = field(default=None, init=False, repr=False, compare=False)
@@ -38,14 +38,14 @@ class Database:
     @property
     def url(self) -> str:
         """A libpq URL (no SQLAlchemy driver suffix) that psql accepts."""
-        return libpq_url(self.sqlalchemy.url.render_as_string(hide_password=False))
+        return libpq_url(self.engine.url.render_as_string(hide_password=False))
 
     def connect(self) -> sa.Connection:
-        return self.sqlalchemy.connect()
+        return self.engine.connect()
 
     def begin(self):
         """A connection inside a transaction that commits when the block ends (rolls back on error)."""
-        return self.sqlalchemy.begin()
+        return self.engine.begin()
 
     def reader(self) -> Database:
         """The least-privilege pool on the same server that runs SQL users write (ingest.reader), opened on first use."""
@@ -59,7 +59,7 @@ class Database:
         if self._reader is not None:
             self._reader.dispose()
             self._reader = None
-        self.sqlalchemy.dispose()
+        self.engine.dispose()
 
 
 def libpq_url(url: str) -> str:
@@ -120,8 +120,8 @@ def connect(settings: Settings, migrate: bool = True) -> Database:
         db = open_engine(Database(sa.create_engine(sqlalchemy_url(settings.database_url), pool_pre_ping=True), "external", settings))
     else:
         db = open_engine(Database(sa.create_engine(embedded_url(settings.pgdata)), "embedded", settings))
-    if migrate and current_revision(db.sqlalchemy) != HEAD_REVISION:
-        upgrade(db.sqlalchemy)
+    if migrate and current_revision(db.engine) != HEAD_REVISION:
+        upgrade(db.engine)
         db.dispose()  # connections opened before the extension existed do not know the vector type
         from ingest.reader import prepare
 
@@ -136,9 +136,9 @@ def connect_for_queries(settings: Settings) -> Database:
     if not settings.database_read_url:
         return connect(settings)
     db = open_engine(Database(sa.create_engine(sqlalchemy_url(settings.database_read_url), pool_pre_ping=True), "replica", settings))
-    revision = current_revision(db.sqlalchemy)
+    revision = current_revision(db.engine)
     if revision != HEAD_REVISION:
-        raise DatabaseError(f"the read replica at {describe(db.sqlalchemy)} is at schema revision {revision or 'none'}, not "
+        raise DatabaseError(f"the read replica at {describe(db.engine)} is at schema revision {revision or 'none'}, not "
                             f"{HEAD_REVISION}: run `ingest db upgrade` on the primary and let the replica catch up")
     return db
 
@@ -155,7 +155,7 @@ def survive_restarts(db: Database, pgdata: Path) -> Database:
 
     if db.kind != "embedded":
         return db
-    url = db.sqlalchemy.url
+    url = db.engine.url
     db.dispose()
     engine = sa.create_engine(url)
     restarting = threading.Lock()  # one restart at a time; the others then find it up
@@ -182,8 +182,8 @@ def survive_restarts(db: Database, pgdata: Path) -> Database:
 
 def open_engine(db: Database) -> Database:
     """Teach the pool's connections the vector type and check the server answers (one line if it does not)."""
-    sa.event.listen(db.sqlalchemy, "connect", register_vector_type)
-    check_reachable(db.sqlalchemy)
+    sa.event.listen(db.engine, "connect", register_vector_type)
+    check_reachable(db.engine)
     return db
 
 

@@ -4,7 +4,7 @@ The driver (the `ingest load --ray` process) does what a one-machine load does a
 list the candidates, read what the collection stores, record where files live, `Collection.finish`); only the
 middle moves out. Ray Data streams the candidates through `decode_batch` tasks (read, sha256, skip what is
 stored, decode), then through an actor pool of `Embedder`s: one ResNet50 per actor with the collection's weights
-and precision, which commits each batch itself with `load.store_batch` (COPY, idempotent on (collection,
+and precision, which commits each batch itself with `batches.store_batch` (COPY, idempotent on (collection,
 sha256), failures recorded with their reason). Back to the driver come only paths, hashes, reasons and counts.
 
 Faults: a committed batch is never lost (it is in PostgreSQL) and a batch in flight is one transaction, rolled
@@ -33,9 +33,8 @@ from ingest.config import DEFAULT_BATCH_SIZE, Settings
 from ingest.errors import RisError
 from ingest.features import INPUT_SHAPE
 from ingest.images import DecodedImage
-from ingest.load import LoadSummary, Prepared, first_copies, prepare, store_batch
+from ingest.batches import LoadSummary, Prepared, first_copies, prepare, store_batch, stored_path
 from ingest.sources import Candidate
-from ingest.store import absolute
 
 if TYPE_CHECKING:
     from ingest.collection import Collection
@@ -61,7 +60,7 @@ class Cluster:
         """(actors, batch size, GPUs per actor) from what the cluster has."""
         import ray
 
-        from ingest.precision import GPU_BATCH_SIZE
+        from ingest.feeding import GPU_BATCH_SIZE
 
         resources = ray.cluster_resources()
         gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
@@ -236,7 +235,7 @@ def store_on_ray(coll: Collection, candidates: list[Candidate], known: set[str],
 
     check_reachable_database(coll, cluster.address)
     actors, batch, gpus = cluster.plan()
-    items = [{"path": absolute(c.path), "label": c.label or ""} for c in candidates]
+    items = [{"path": stored_path(c), "label": c.label or ""} for c in candidates]
     if not items:
         return
     stored = frozenset(known)

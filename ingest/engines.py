@@ -127,7 +127,7 @@ class Engine(ABC):
 
     name: ClassVar[EngineName | None] = None  # set: registered under it (make_engine); None: used directly (RawSearch)
     exact: ClassVar[bool]  # True: the answer is the true k nearest, always
-    vectors: ClassVar[str] = "embedding"  # the stored vectors it searches: store.VECTOR_QUERIES' kind
+    vectors: ClassVar[str] = "embedding"  # the stored vectors it searches: store.VECTOR_ROWS' kind
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

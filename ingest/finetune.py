@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import sqlalchemy as sa
 
+from ingest import store
 from ingest.atomic import replacing, write_atomically
 from ingest.collection import Collection
 from ingest.config import Settings
@@ -147,10 +147,11 @@ def finetune(
     holdout_loss, holdout_accuracy = model.evaluate(held_ds, verbose=0)
     reembed(db, settings, coll, into=into, weights_path=weights_path, backbone=backbone, precision=precision, progress=progress)
     return FinetuneSummary(
-        coll.name, into, str(weights_path), initial_epoch, epochs_run, len(train), len(held),
-        state.initial_loss, float(loss), float(accuracy), float(holdout_loss), float(holdout_accuracy),
-        len(train) * epochs_run / seconds if epochs_run else 0.0,
-        state.history, [i.id for i in train], [i.id for i in held],
+        collection=coll.name, into=into, weights_path=str(weights_path), initial_epoch=initial_epoch, epochs_run=epochs_run,
+        train_size=len(train), holdout_size=len(held), initial_loss=state.initial_loss, loss=float(loss), accuracy=float(accuracy),
+        holdout_loss=float(holdout_loss), holdout_accuracy=float(holdout_accuracy),
+        images_per_second=len(train) * epochs_run / seconds if epochs_run else 0.0,
+        history=state.history, train_ids=[i.id for i in train], holdout_ids=[i.id for i in held],
     )
 
 
@@ -341,9 +342,5 @@ def reembed(db: Database, settings: Settings, coll: Collection, *, into: str, we
     extractor = build_extractor(str(weights_path), precision, runtime, models_dir=settings.models_dir)
     if extractor.fingerprint != fingerprint(backbone):
         raise WeightsError(f"{weights_path} does not load back as the tuned backbone")
-    with db.connect() as conn:
-        rows = conn.execute(
-            sa.text("SELECT path, label FROM images WHERE collection_id = :c ORDER BY id"), {"c": coll.id}
-        ).all()
-    candidates = [Candidate(Path(r.path), r.label) for r in rows]
+    candidates = [Candidate(Path(path), label) for path, label in store.image_files(db, coll.id)]
     load_collection(db, settings, into, candidates, extractor, pca_dims=min(coll.dims, len(candidates)), progress=progress)

@@ -41,10 +41,19 @@ def has_index(db: Database, collection_id: int, dims: int) -> bool:
 
 def autocommit(db: Database) -> sa.Connection:
     """CREATE/DROP INDEX CONCURRENTLY cannot run inside a transaction block."""
-    return db.sqlalchemy.connect().execution_options(isolation_level="AUTOCOMMIT")
+    return db.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
 
 
-def drop(db: Database, collection_id: int, *, keep: str | None = None) -> None:
+def drop(db: Database, collection_id: int, *, rebuild: bool = False) -> None:
+    """Drop the collection's HNSW index and stop keeping one; with `rebuild`, keep wanting one, so that
+    `Collection.finish` builds it again (a refit drops it: rewriting every row through it would be slower)."""
+    if not rebuild:
+        with db.begin() as conn:
+            conn.execute(sa.text("UPDATE collections SET hnsw = false WHERE id = :c"), {"c": collection_id})
+    drop_indexes(db, collection_id)
+
+
+def drop_indexes(db: Database, collection_id: int, *, keep: str | None = None) -> None:
     """Drop the collection's HNSW indexes (but `keep`), without blocking other collections' reads and writes."""
     with autocommit(db) as conn:
         for name in indexes(conn, collection_id):
@@ -59,7 +68,7 @@ def build(db: Database, collection_id: int, dims: int, *, progress: bool = True)
     with db.begin() as conn:
         conn.execute(sa.text("UPDATE collections SET hnsw = true WHERE id = :c"), {"c": collection_id})
         valid = indexes(conn, collection_id).get(name)
-    drop(db, collection_id, keep=name if valid else None)
+    drop_indexes(db, collection_id, keep=name if valid else None)
     if valid:
         return name
     with autocommit(db) as conn:
@@ -74,13 +83,6 @@ def build(db: Database, collection_id: int, dims: int, *, progress: bool = True)
         finally:
             watcher.stop()
     return name
-
-
-def forget(db: Database, collection_id: int) -> None:
-    """Drop the collection's HNSW index and stop keeping one."""
-    with db.begin() as conn:
-        conn.execute(sa.text("UPDATE collections SET hnsw = false WHERE id = :c"), {"c": collection_id})
-    drop(db, collection_id)
 
 
 class ProgressLine:

@@ -5,96 +5,36 @@ writer thread commits each batch (COPY) while the model runs on the next; each b
 own, in order, so an interrupted load keeps what it stored and a rerun skips it (by sha256). The end-of-load
 work (`Collection.finish`: fit or apply PCA, build the index) runs under a per-collection lock, so concurrent
 loads of one collection finish consistently.
+
+A batch's own steps (read and hash, embed, commit) are ingest/batches.py, which Ray actors share
+(ingest/distributed.py); where every file found lives is ingest/sync.py. The collection is reached only through
+`Collection`'s verbs (`stored_hashes`, `store_pictures`, `record_failures`, `finish`): no SQL here.
 """
 from __future__ import annotations
 
-import hashlib
 import time
 from collections import deque
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
-import numpy as np
 from tqdm import tqdm
 
-from ingest import store, sync
+from ingest import sync
+from ingest.batches import LoadSummary, Prepared, embed_batch, first_copies, prepare, write_batch
+from ingest.collection import Collection
 from ingest.config import DEFAULT_BATCH_SIZE, DEFAULT_TREES, Settings
 from ingest.db import Database
-from ingest.errors import ImageError
-from ingest.images import DecodedImage, decode_image, read_file
 from ingest.reduce import check_dims
 from ingest.sources import Candidate
-from ingest.store import ImageRow, absolute
 
 if TYPE_CHECKING:
-    from ingest.collection import Collection
     from ingest.distributed import Cluster
     from ingest.features import Extractor
 
 DEFAULT_PCA_DIMS = 128
 WRITES_AHEAD = 1  # embedded batches waiting for the writer thread besides the one it commits: bounds their memory
-
-
-@dataclass
-class LoadSummary:
-    """What a load did; `failures` lists (path, reason) of this run."""
-
-    collection: str
-    ingested: int = 0
-    present: int = 0  # files already recorded with this content
-    moved: int = 0  # stored pictures found at a new path while an old one is gone (ingest/sync.py)
-    duplicates: int = 0  # new files holding a picture that is stored under another path
-    missing: int = 0  # recorded files gone from disk (or pictures no file holds), kept until --prune
-    pruned: int = 0  # files gone that --prune forgot
-    removed: int = 0  # images --prune deleted (no file holds them any more)
-    failed: int = 0
-    skipped: int = 0
-    seconds: float = 0.0
-    failures: list[tuple[str, str]] = field(default_factory=list)
-
-    @property
-    def images_per_second(self) -> float:
-        return (self.ingested + self.present) / self.seconds if self.seconds else 0.0
-
-
-@dataclass(frozen=True)
-class Prepared:
-    """One candidate after reading: decoded, already stored, or failed with a reason."""
-
-    candidate: Candidate
-    sha256: str | None = None
-    size: int = 0
-    decoded: DecodedImage | None = None
-    failure: str | None = None
-
-
-def prepare(candidate: Candidate, known) -> Prepared:
-    """Read and hash a file; decode it only if its content is not `known` (stored, or met earlier in this load).
-    Decoding threads only read `known`; `first_copies` adds to it, in walk order."""
-    try:
-        data = read_file(candidate.path)
-        sha = hashlib.sha256(data).hexdigest()
-        if sha in known:
-            return Prepared(candidate, sha, len(data))
-        return Prepared(candidate, sha, len(data), decode_image(data))
-    except ImageError as e:
-        return Prepared(candidate, failure=str(e))
-
-
-def first_copies(prepared: Iterable[Prepared], known) -> Iterator[Prepared]:
-    """`prepared` in walk order, where a content decoded twice (two copies read at once by two threads) is kept
-    from its first file only, the others counted as already present: each picture is embedded once and stored
-    under its first path whatever the threads' timing; ingest/sync.py records the other paths."""
-    for p in prepared:
-        if p.decoded is not None:
-            if p.sha256 in known:
-                p = Prepared(p.candidate, p.sha256, p.size)
-            else:
-                known.add(p.sha256)
-        yield p
 
 
 def bounded_map(pool: Executor, fn: Callable, items: Iterable, ahead: int) -> Iterator:
@@ -120,8 +60,6 @@ def load_collection(
 ) -> LoadSummary:
     """Store every new picture of `candidates` in collection `name` (created if new), then bring its PCA and
     Annoy file up to date. `options` are those of add_pictures."""
-    from ingest.collection import Collection
-
     if pca_dims is not None:
         check_dims(pca_dims)
     coll = Collection.create(db, settings, name, extractor, pca_dims=pca_dims or DEFAULT_PCA_DIMS)
@@ -137,7 +75,7 @@ def add_pictures(
     record where every file found lives (moves, copies, and with a `root` the files gone from it, forgotten with
     `prune`: ingest/sync.py), then `coll.finish`. Worker threads read and decode while the model runs on the
     previous batch; with a `cluster`, Ray tasks and actors do that middle part instead (ingest/distributed.py)."""
-    known = store.stored_hashes(coll.db, coll.id)
+    known = coll.stored_hashes()
     before = sync.snapshot(coll, root, candidates)
     seen: dict[str, tuple[str, str | None]] = {}
     if coll.pca is None:
@@ -179,7 +117,7 @@ def store_here(coll: Collection, candidates: list[Candidate], known: set[str], s
 def committed(write: Future, batch: list[Prepared]) -> list[tuple[str, str | None, str | None]]:
     """(path, sha256, label) of each file of a batch, once its write has committed (its error raised here)."""
     write.result()
-    return [(absolute(p.candidate.path), p.sha256, p.candidate.label) for p in batch]
+    return [(p.path, p.sha256, p.candidate.label) for p in batch]
 
 
 def plan_pca_dims(coll: Collection, requested: int | None, most_images: int) -> None:
@@ -195,50 +133,3 @@ def plan_pca_dims(coll: Collection, requested: int | None, most_images: int) -> 
     check_dims(dims, most_images if requested else None)
     if dims != coll.dims:
         coll.set_planned_dims(dims)
-
-
-def store_batch(coll: Collection, batch: list[Prepared], summary: LoadSummary) -> None:
-    """Embed the decoded pictures of a batch and commit them, with the batch's failures."""
-    write_batch(coll, embed_batch(coll, batch), summary)
-
-
-@dataclass(frozen=True)
-class EmbeddedBatch:
-    """A batch after the model: its files, the decoded ones' vectors, and the PCA version that projected them."""
-
-    batch: list[Prepared]
-    raw: np.ndarray | None = None
-    embeddings: np.ndarray | None = None
-    pca_version: int = 0
-
-    @property
-    def fresh(self) -> list[Prepared]:
-        return [p for p in self.batch if p.decoded is not None]
-
-
-def embed_batch(coll: Collection, batch: list[Prepared]) -> EmbeddedBatch:
-    """Run the model on the decoded pictures of a batch (no database work)."""
-    fresh = [p for p in batch if p.decoded is not None]
-    if not fresh:
-        return EmbeddedBatch(batch)
-    raw, embeddings = coll.embed(np.stack([p.decoded.pixels for p in fresh]))
-    return EmbeddedBatch(batch, raw, embeddings, coll.row.pca_version)
-
-
-def write_batch(coll: Collection, embedded: EmbeddedBatch, summary: LoadSummary) -> None:
-    """Commit an embedded batch and its failures, and count them into `summary`."""
-    batch, fresh = embedded.batch, embedded.fresh
-    failures = [(absolute(p.candidate.path), p.failure) for p in batch if p.failure]
-    store.record_failures(coll.db, coll.id, failures)
-    summary.failures.extend(failures)
-    summary.failed += len(failures)
-    summary.present += sum(1 for p in batch if p.sha256 and p.decoded is None)
-    if not fresh:
-        return
-    rows = [
-        ImageRow(absolute(p.candidate.path), p.candidate.label, p.sha256, p.decoded.width, p.decoded.height, p.size)
-        for p in fresh
-    ]
-    added = store.insert_images(coll.db, coll.id, rows, embedded.raw, embedded.embeddings, pca_version=embedded.pca_version)
-    summary.ingested += added
-    summary.present += len(fresh) - added

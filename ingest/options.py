@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass
 
 import click
 
-from ingest.config import Settings
+from ingest.config import DEFAULT_MAX_FILE_MB, DEFAULT_TREES, Settings
 from ingest.errors import RisError
 from ingest.precision import PRECISIONS, RUNTIMES
 
@@ -24,6 +25,24 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON f
 collection_option = click.option(
     "--collection", "-c", metavar="NAME", help="Collection name. Default: the only one, else caltech101."
 )
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """What `ingest load` is asked to do besides which pictures and where: the options of every load source, by name."""
+
+    weights: str = "imagenet"
+    pca_dims: int | None = None  # None: 128, or the collection's
+    limit_per_class: int | None = None
+    batch_size: int | None = None  # None: chosen for the hardware (ingest.feeding)
+    workers: int | None = None
+    precision: str = "auto"
+    trees: int = DEFAULT_TREES
+    strict: bool = False  # exit non-zero if any file failed
+    max_file_mb: int = DEFAULT_MAX_FILE_MB
+    prune: bool = False
+    ray_address: str | None = None
+    ray_actors: int | None = None
 
 
 def new_collection_name(ctx, param, value: str | None) -> str | None:

@@ -6,17 +6,15 @@ bf16 roughly halves the work of each multiply where the hardware does it nativel
 the processor, a GPU of compute capability 8.0 or more) and is slower than fp32 where it is emulated, so
 `auto` asks the hardware. A collection records the precision its vectors were made at: `auto` then means
 the collection's own, and only a new collection is decided by the hardware (`choose`).
-A GPU also changes how a load is fed (`feeding`): a larger batch and a decode thread per core.
+How a load is fed on that hardware (batch size, decode threads) is ingest/feeding.py.
 Nothing here imports TensorFlow unless the machine has an NVIDIA GPU (whose compute capability only it reports).
 """
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ingest.config import DEFAULT_BATCH_SIZE
 from ingest.errors import RisError, WeightsError
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -24,13 +22,11 @@ RUNTIMES = ("auto", "openvino", "tensorflow")
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of native bf16 arithmetic
 NVIDIA_GPUS = Path("/proc/driver/nvidia/gpus")  # one folder per GPU the NVIDIA driver drives
 GPU_BF16_CAPABILITY = (8, 0)  # Ampere and later compute bf16 natively
-GPU_BATCH_SIZE = 128  # a GPU runs ResNet50 thousands of images/s; 32 a batch would leave it waiting on each call
-CPU_WORKERS = 2  # decode threads beside the model on a processor (bench/ingest.py measured the split on 2 cores)
 
 
 @dataclass(frozen=True)
 class Hardware:
-    """What `auto` and a load's feeding are decided from."""
+    """What `auto` and a load's feeding (ingest/feeding.py) are decided from."""
 
     cpu_bf16: bool = False  # the processor computes bf16 natively (as OpenVINO reports it; else its cpuinfo flags)
     gpus: tuple[str, ...] = ()  # NVIDIA GPUs the driver lists
@@ -141,25 +137,6 @@ def check_precision(precision: str, *, collection: str, recorded: str, remedy: s
     if precision != recorded:
         raise WeightsError(f"collection {collection!r} was built at {recorded} precision, not {precision} "
                            f"(--precision auto uses the collection's own); {remedy}")
-
-
-@dataclass(frozen=True)
-class Feeding:
-    """Batch size and decode threads of a load, and the line that says where the model runs (None on a processor)."""
-
-    batch_size: int
-    workers: int
-    device_line: str | None = None
-
-
-def feeding(hw: Hardware, precision: str, batch_size: int | None = None, workers: int | None = None,
-            runtime: str = "openvino") -> Feeding:
-    """With TensorFlow on a GPU: batches of GPU_BATCH_SIZE and a decode thread per core, said on the load's first
-    line; on a processor: the defaults. Explicit --batch-size and --workers win either way."""
-    if not hw.gpus or runtime != "tensorflow":
-        return Feeding(batch_size or DEFAULT_BATCH_SIZE, workers or CPU_WORKERS)
-    batch, threads = batch_size or GPU_BATCH_SIZE, workers or os.cpu_count() or CPU_WORKERS
-    return Feeding(batch, threads, f"using {hw.describe()}: {precision}, batch {batch}, {threads} decode threads")
 
 
 def plan_load(db, name: str, requested: str) -> tuple[str, Hardware]:

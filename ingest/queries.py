@@ -176,7 +176,7 @@ def picture_query(coll: Collection, picture: Picture, space: str, read_stored: C
             raise CollectionError(f"no image with id {picture.image_id} in collection {coll.name!r}")
         if read_stored is None:
             raise RisError("a crop of a stored image needs its file: pass read_stored")
-        path, label, what = found[0], found[1], f"image {picture.image_id}"
+        path, label, what = found.path, found.label, f"image {picture.image_id}"
     else:
         path, label, what = str(Path(picture.path).absolute()), None, str(picture.path)
         if not Path(picture.path).exists():

@@ -62,7 +62,7 @@ def open_reader(db: Database) -> Database:
             raise DatabaseError(f"user SQL refused: the --reader-url login {problem}")
         return reader
     password = stored_password(settings.home)
-    reader = reader_pool(db.sqlalchemy.url.set(username=READER_ROLE, password=password), pre_ping=db.kind != "embedded")
+    reader = reader_pool(db.engine.url.set(username=READER_ROLE, password=password), pre_ping=db.kind != "embedded")
     if problem_of(reader) is None:
         return reader
     set_up(db, password)
@@ -127,12 +127,12 @@ def problem_of(reader: Database, *, wait: float = 0) -> str | None:
     deadline = time.monotonic() + wait
     while True:
         try:
-            with reader.sqlalchemy.connect() as conn:
+            with reader.engine.connect() as conn:
                 facts = conn.execute(sa.text(FACTS_SQL), {"powerful": list(POWERFUL_ROLES), "tables": project_tables()}).one()
             break
         except sa.exc.DBAPIError as e:
             if time.monotonic() >= deadline:
-                return f"cannot log in to {describe(reader.sqlalchemy)}: {first_line(str(e.orig))}"
+                return f"cannot log in to {describe(reader.engine)}: {first_line(str(e.orig))}"
             reader.dispose()
             time.sleep(0.2)
     return problem_in(facts)
@@ -226,13 +226,13 @@ def set_up(db: Database, password: str) -> None:
     """Make `ris_reader` a least-privilege login with `password`, on the server that takes writes (a replica's
     primary). Idempotent, and serialised with migrations by their advisory lock."""
     if db.kind != "replica":
-        set_up_on(db.sqlalchemy, password)
+        set_up_on(db.engine, password)
         return
     from ingest.db import connect
 
     primary = connect(db.settings)
     try:
-        set_up_on(primary.sqlalchemy, password)
+        set_up_on(primary.engine, password)
     finally:
         primary.dispose()
 

@@ -6,24 +6,21 @@ features, paths, failures and fine-tuning splits follow by ON DELETE CASCADE; th
 """
 from __future__ import annotations
 
-import sqlalchemy as sa
-
-from ingest import hnsw, locks
+from ingest import hnsw, locks, store
 from ingest.annoy_index import remove_index_files
 from ingest.collection import Collection
+from ingest.counts import images_and_paths
 
 
 def describe(coll: Collection) -> str:
     """What removing it deletes, for the confirmation question."""
-    with coll.db.connect() as conn:
-        images, paths = conn.execute(sa.text("SELECT (SELECT count(*) FROM images WHERE collection_id = :c),"
-                                             " (SELECT count(*) FROM image_paths WHERE collection_id = :c)"), {"c": coll.id}).one()
+    images, paths = images_and_paths(coll.db, coll.id)
     return f"collection {coll.name!r}: {images} images, {paths} paths, and its index files in {coll.settings.annoy_dir}"
 
 
 def remove_collection(coll: Collection) -> None:
     with coll.db.begin() as conn:
         locks.lock_in_transaction(conn, locks.COLLECTION, of=coll.id)
-        conn.execute(sa.text("DELETE FROM collections WHERE id = :c"), {"c": coll.id})
+        store.delete_row(conn, coll.id)
     hnsw.drop(coll.db, coll.id)
     remove_index_files(coll.settings.annoy_dir, coll.name)

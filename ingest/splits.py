@@ -97,3 +97,20 @@ def holdout_hashes(db: Database, base: Collection, run: str) -> set[str]:
             "SELECT i.sha256 FROM finetune_splits s JOIN images i ON i.id = s.image_id "
             "WHERE s.run = :run AND s.collection_id = :c AND s.split = 'holdout'"), {"run": run, "c": base.id}).scalars())
 
+
+def finetune_runs(db: Database, coll: Collection) -> list[str]:
+    """The fine-tuning runs made from this collection or producing it, latest first (by the creation of the
+    collection each produced; runs whose collection is gone last, then by name)."""
+    with db.connect() as conn:
+        return list(conn.execute(sa.text(
+            "SELECT s.run FROM finetune_splits s LEFT JOIN collections c ON c.name = s.run"
+            " WHERE s.collection_id = :c OR s.run = :name GROUP BY s.run ORDER BY max(c.created_at) DESC NULLS LAST, s.run"),
+            {"c": coll.id, "name": coll.name}).scalars())
+
+
+def split_by_hash(db: Database, run: str) -> dict[str, str]:
+    """sha256 -> 'train'|'holdout' of every picture of fine-tuning run `run`."""
+    with db.connect() as conn:
+        rows = conn.execute(sa.text("SELECT i.sha256, s.split FROM finetune_splits s JOIN images i ON i.id = s.image_id"
+                                    " WHERE s.run = :run"), {"run": run})
+        return {r.sha256: r.split for r in rows}

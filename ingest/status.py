@@ -1,13 +1,12 @@
 """`ingest status`: what is stored, per collection (files, copies, files gone), and whether its Annoy file matches the table."""
 from __future__ import annotations
 
-import sqlalchemy as sa
-
 from ingest.collection import Collection
 from ingest.config import Settings
+from ingest.counts import collection_counts
 from ingest.db import Database
 from ingest.hnsw import has_index
-from ingest.paths import path_counts
+from ingest.image_paths import path_counts
 
 
 def files(db: Database, collection_id: int) -> dict:
@@ -19,17 +18,7 @@ def files(db: Database, collection_id: int) -> dict:
 
 def status(db: Database, settings: Settings) -> dict:
     """The status as a dict, in the shape `ingest status --json` prints."""
-    with db.connect() as conn:
-        counts = {
-            r.collection_id: r
-            for r in conn.execute(
-                sa.text(
-                    "SELECT c.id AS collection_id, count(i.id) AS images, count(DISTINCT i.label) AS labels,"
-                    " (SELECT count(*) FROM ingest_failures f WHERE f.collection_id = c.id) AS failures"
-                    " FROM collections c LEFT JOIN images i ON i.collection_id = c.id GROUP BY c.id"
-                )
-            )
-        }
+    counts = collection_counts(db)
     collections = []
     for coll in Collection.all(db, settings):
         sidecar = coll.sidecar()

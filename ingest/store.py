@@ -3,15 +3,15 @@
 Batches go in with binary COPY into a temporary table and one INSERT ... ON CONFLICT DO NOTHING, all in
 one transaction: a crash loses at most the batch in flight, and two loads of one folder at once cannot
 store a picture (by sha256) twice in a collection. Vectors come out in binary, a chunk of rows at a time.
+Statements use psycopg's placeholders throughout (the COPY and binary reads need its cursor); counts of rows are
+in ingest/counts.py, paths in ingest/paths.py, fine-tuning splits in ingest/splits.py.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from ingest.db import Database
@@ -52,16 +52,42 @@ class ImageRow:
     bytes: int
 
 
+@dataclass(frozen=True)
+class StoredImage:
+    """A searchable picture of a collection, as a query by id or by identical content starts from."""
+
+    id: int
+    path: str
+    label: str | None
+    embedding: np.ndarray
+
+
+@dataclass(frozen=True)
+class ImageDetails:
+    """What a hit or a report shows of a stored picture besides its vector."""
+
+    path: str
+    label: str | None
+    sha256: str
+
+
 COLLECTION_COLUMNS = ("id, name, model, weights, weights_fingerprint, pca_dims, pca_version, pca_mean, pca_components, "
                       "pca_explained_variance, embedding_seq, removed_rows, hnsw, precision, runtime")
 
-# What `vector_chunks` can read; every query is restricted to one collection by a bound id.
-VECTOR_QUERIES = {
-    "embedding": "SELECT i.id, i.embedding FROM images i WHERE i.collection_id = %s AND i.embedding IS NOT NULL",
-    "raw": "SELECT i.id, f.raw FROM images i JOIN features f ON f.image_id = i.id WHERE i.collection_id = %s",
-    "raw without embedding": "SELECT i.id, f.raw FROM images i JOIN features f ON f.image_id = i.id"
-                             " WHERE i.collection_id = %s AND i.embedding IS NULL",
+# What `vector_chunks` can read: kind -> (the vector column, the rows that have one); every query is restricted to
+# one collection by a bound id.
+VECTOR_ROWS = {
+    "embedding": ("i.embedding", "FROM images i WHERE i.collection_id = %s AND i.embedding IS NOT NULL"),
+    "raw": ("f.raw", "FROM images i JOIN features f ON f.image_id = i.id WHERE i.collection_id = %s"),
+    "raw without embedding": ("f.raw", "FROM images i JOIN features f ON f.image_id = i.id"
+                                       " WHERE i.collection_id = %s AND i.embedding IS NULL"),
 }
+
+
+def vector_query(kind: str, *, with_vectors: bool = True) -> str:
+    """SELECT the ids (and vectors) of a kind of row of VECTOR_ROWS, before any further condition."""
+    column, rows = VECTOR_ROWS[kind]
+    return f"SELECT i.id, {column} {rows}" if with_vectors else f"SELECT i.id {rows}"
 
 
 def raw_cursor(conn: Connection):
@@ -82,24 +108,35 @@ def to_row(row) -> CollectionRow:
 
 
 def find_row(conn: Connection, name: str) -> CollectionRow | None:
-    row = conn.execute(sa.text(f"SELECT {COLLECTION_COLUMNS} FROM collections WHERE name = :n"), {"n": name}).first()
+    row = conn.exec_driver_sql(f"SELECT {COLLECTION_COLUMNS} FROM collections WHERE name = %s", (name,)).first()
     return to_row(row) if row else None
 
 
 def all_rows(conn: Connection) -> list[CollectionRow]:
-    return [to_row(r) for r in conn.execute(sa.text(f"SELECT {COLLECTION_COLUMNS} FROM collections ORDER BY name"))]
+    return [to_row(r) for r in conn.exec_driver_sql(f"SELECT {COLLECTION_COLUMNS} FROM collections ORDER BY name")]
+
+
+def search_state(db: Database, collection_id: int) -> tuple[int, int, bool] | None:
+    """(pca_version, pca_dims, hnsw) of a collection, or None once it is removed: one primary-key lookup that tells a
+    collection held open (the web server's) whether to read its row again."""
+    with db.connect() as conn:
+        row = conn.exec_driver_sql("SELECT pca_version, pca_dims, hnsw FROM collections WHERE id = %s", (collection_id,)).first()
+    return tuple(row) if row else None
+
+
+def delete_row(conn: Connection, collection_id: int) -> None:
+    """Delete a collection's row; its images, features, paths, failures and splits go by ON DELETE CASCADE."""
+    conn.exec_driver_sql("DELETE FROM collections WHERE id = %s", (collection_id,))
 
 
 def create_row(db: Database, name: str, weights: str, fingerprint: str, pca_dims: int, precision: str = "fp32",
                runtime: str = "openvino") -> CollectionRow:
     """Insert the collection if it is new; either way return the row as stored (its weights and precision may differ)."""
     with db.begin() as conn:
-        conn.execute(
-            sa.text(
-                "INSERT INTO collections (name, model, weights, weights_fingerprint, pca_dims, precision, runtime) "
-                "VALUES (:n, :m, :w, :f, :d, :p, :r) ON CONFLICT (name) DO NOTHING"
-            ),
-            {"n": name, "m": MODEL_NAME, "w": weights, "f": fingerprint, "d": pca_dims, "p": precision, "r": runtime},
+        conn.exec_driver_sql(
+            "INSERT INTO collections (name, model, weights, weights_fingerprint, pca_dims, precision, runtime) "
+            "VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (name) DO NOTHING",
+            (name, MODEL_NAME, weights, fingerprint, pca_dims, precision, runtime),
         )
         return find_row(conn, name)
 
@@ -107,12 +144,19 @@ def create_row(db: Database, name: str, weights: str, fingerprint: str, pca_dims
 def set_pca_dims(db: Database, collection_id: int, dims: int) -> None:
     """Change the planned dims of a collection whose PCA is not fitted yet."""
     with db.begin() as conn:
-        conn.execute(sa.text("UPDATE collections SET pca_dims = :d WHERE id = :c AND pca_mean IS NULL"), {"d": dims, "c": collection_id})
+        conn.exec_driver_sql("UPDATE collections SET pca_dims = %s WHERE id = %s AND pca_mean IS NULL", (dims, collection_id))
+
+
+def image_files(db: Database, collection_id: int) -> list[tuple[str, str | None]]:
+    """(path, label) of every picture of a collection, in id order: what re-embedding it reads again."""
+    with db.connect() as conn:
+        return [(r.path, r.label) for r in conn.exec_driver_sql(
+            "SELECT path, label FROM images WHERE collection_id = %s ORDER BY id", (collection_id,))]
 
 
 def stored_hashes(db: Database, collection_id: int) -> set[str]:
     with db.connect() as conn:
-        return set(conn.execute(sa.text("SELECT sha256 FROM images WHERE collection_id = :c"), {"c": collection_id}).scalars())
+        return set(conn.exec_driver_sql("SELECT sha256 FROM images WHERE collection_id = %s", (collection_id,)).scalars())
 
 
 def insert_images(
@@ -176,13 +220,11 @@ def record_failures(db: Database, collection_id: int, failures: list[tuple[str, 
     if not failures:
         return
     with db.begin() as conn:
-        conn.execute(
-            sa.text(
-                "INSERT INTO ingest_failures (collection_id, path, reason) VALUES (:c, :p, :r) "
-                "ON CONFLICT (collection_id, path) DO UPDATE SET reason = EXCLUDED.reason, at = now()"
-                " WHERE ingest_failures.reason <> EXCLUDED.reason"  # the same failure again changes nothing
-            ),
-            [{"c": collection_id, "p": p, "r": r} for p, r in dict(failures).items()],
+        conn.exec_driver_sql(
+            "INSERT INTO ingest_failures (collection_id, path, reason) VALUES (%s, %s, %s) "
+            "ON CONFLICT (collection_id, path) DO UPDATE SET reason = EXCLUDED.reason, at = now()"
+            " WHERE ingest_failures.reason <> EXCLUDED.reason",  # the same failure again changes nothing
+            [(collection_id, p, r) for p, r in dict(failures).items()],
         )
 
 
@@ -190,7 +232,7 @@ def vector_chunks(db: Database, collection_id: int, kind: str, chunk: int = CHUN
                   through: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(ids, matrix) blocks of a collection's vectors in id order, `chunk` rows at a time (keyset paging, binary).
 
-    `kind` is a key of VECTOR_QUERIES: stored embeddings, raw features, or raw features of rows without an embedding.
+    `kind` is a key of VECTOR_ROWS: stored embeddings, raw features, or raw features of rows without an embedding.
     `through` keeps only rows written by embedding_seq `through` or before (what an index build covers).
     """
     last = 0
@@ -198,7 +240,7 @@ def vector_chunks(db: Database, collection_id: int, kind: str, chunk: int = CHUN
     while True:
         with db.connect() as conn:
             cur = raw_cursor(conn)
-            cur.execute(f"{VECTOR_QUERIES[kind]}{extra} AND i.id > %s ORDER BY i.id LIMIT %s",
+            cur.execute(f"{vector_query(kind)}{extra} AND i.id > %s ORDER BY i.id LIMIT %s",
                         (collection_id, *params, last, chunk), binary=True)
             rows = cur.fetchall()
         if not rows:
@@ -218,7 +260,7 @@ def vectors_of(db: Database, collection_id: int, kind: str, ids: np.ndarray, chu
     for start in range(0, len(wanted), chunk):
         with db.connect() as conn:
             cur = raw_cursor(conn)
-            cur.execute(f"{VECTOR_QUERIES[kind]} AND i.id = ANY(%s) ORDER BY i.id",
+            cur.execute(f"{vector_query(kind)} AND i.id = ANY(%s) ORDER BY i.id",
                         (collection_id, wanted[start:start + chunk].tolist()), binary=True)
             rows = cur.fetchall()
         found_ids.extend(r[0] for r in rows)
@@ -231,10 +273,9 @@ def vectors_of(db: Database, collection_id: int, kind: str, ids: np.ndarray, chu
 def image_ids(db: Database, collection_id: int, kind: str = "raw") -> np.ndarray:
     """Every id of a collection that has a vector of `kind` ('embedding' or 'raw'), in order: 8 bytes a row,
     so a sample can be drawn without reading vectors."""
-    sql = VECTOR_QUERIES[kind].replace("SELECT i.id, f.raw", "SELECT i.id").replace("SELECT i.id, i.embedding", "SELECT i.id")
     with db.connect() as conn:
         cur = raw_cursor(conn)
-        cur.execute(sql + " ORDER BY i.id", (collection_id,), binary=True)
+        cur.execute(vector_query(kind, with_vectors=False) + " ORDER BY i.id", (collection_id,), binary=True)
         return np.fromiter((r[0] for r in cur), np.int64)
 
 
@@ -267,7 +308,7 @@ def save_pca(db: Database, collection_id: int, pca: Pca, chunk: int = CHUNK_ROWS
         cur.execute("CREATE TEMP TABLE new_embeddings (id bigint, embedding vector) ON COMMIT DROP")
         last = 0
         while True:
-            cur.execute(f"{VECTOR_QUERIES['raw']} AND i.id > %s ORDER BY i.id LIMIT %s", (collection_id, last, chunk), binary=True)
+            cur.execute(f"{vector_query('raw')} AND i.id > %s ORDER BY i.id LIMIT %s", (collection_id, last, chunk), binary=True)
             rows = cur.fetchall()
             if not rows:
                 break
@@ -299,17 +340,6 @@ def copy_rows(cur, ids: np.ndarray, embeddings: np.ndarray) -> None:
             copy.write_row((i, e))
 
 
-def delta_rows(db: Database, collection_id: int, after_seq: int, limit: int) -> int:
-    """How many searchable rows were written after embedding_seq `after_seq`, counting at most `limit` + 1
-    (an index probe on (collection_id, embedding_seq): the cost follows the delta, not the collection)."""
-    with db.connect() as conn:
-        return conn.execute(
-            sa.text("SELECT count(*) FROM (SELECT 1 FROM images WHERE collection_id = :c AND embedding_seq > :s"
-                    " AND embedding IS NOT NULL LIMIT :l) d"),
-            {"c": collection_id, "s": after_seq, "l": limit + 1},
-        ).scalar()
-
-
 def remove_images(db: Database, collection_id: int, ids: list[int]) -> int:
     """Delete some images of a collection (their features, paths and splits go with them) and count them in
     collections.removed_rows, in one transaction, so every index knows items may be gone. Returns rows deleted."""
@@ -322,15 +352,14 @@ def remove_images(db: Database, collection_id: int, ids: list[int]) -> int:
 def delete_images(conn: Connection, collection_id: int, ids: list[int]) -> int:
     """`remove_images` inside a caller's transaction (a prune also forgets paths in it): the one place rows are deleted.
     The collection row is taken first, as every writer of embeddings takes it, so a load and a prune cannot deadlock."""
-    conn.execute(sa.text("SELECT 1 FROM collections WHERE id = :c FOR UPDATE"), {"c": collection_id})
-    removed = conn.execute(sa.text("DELETE FROM images WHERE collection_id = :c AND id = ANY(:ids)"),
-                           {"c": collection_id, "ids": list(ids)}).rowcount
-    conn.execute(sa.text("UPDATE collections SET removed_rows = removed_rows + :n WHERE id = :c"), {"n": removed, "c": collection_id})
+    conn.exec_driver_sql("SELECT 1 FROM collections WHERE id = %s FOR UPDATE", (collection_id,))
+    removed = conn.exec_driver_sql("DELETE FROM images WHERE collection_id = %s AND id = ANY(%s)", (collection_id, list(ids))).rowcount
+    conn.exec_driver_sql("UPDATE collections SET removed_rows = removed_rows + %s WHERE id = %s", (removed, collection_id))
     return removed
 
 
-def stored_image(db: Database, collection_id: int, *, image_id: int | None = None, sha256: str | None = None):
-    """(id, path, label, embedding) of the collection's searchable image with this id or sha256, or None."""
+def stored_image(db: Database, collection_id: int, *, image_id: int | None = None, sha256: str | None = None) -> StoredImage | None:
+    """The collection's searchable image with this id or sha256, or None."""
     column, value = ("id", image_id) if image_id is not None else ("sha256", sha256)
     with db.connect() as conn:
         cur = raw_cursor(conn)
@@ -339,36 +368,12 @@ def stored_image(db: Database, collection_id: int, *, image_id: int | None = Non
             (collection_id, value), binary=True,
         )
         row = cur.fetchone()
-    return (row[0], row[1], row[2], as_array(row[3])) if row else None
+    return StoredImage(row[0], row[1], row[2], as_array(row[3])) if row else None
 
 
-def image_details(db: Database, collection_id: int, ids: list[int]) -> dict[int, tuple[str, str | None, str]]:
-    """id -> (path, label, sha256) for some images of one collection (ids of other collections are left out)."""
+def image_details(db: Database, collection_id: int, ids: list[int]) -> dict[int, ImageDetails]:
+    """id -> details of some images of one collection (ids of other collections are left out)."""
     with db.connect() as conn:
-        rows = conn.execute(
-            sa.text("SELECT id, path, label, sha256 FROM images WHERE collection_id = :c AND id = ANY(:ids)"),
-            {"c": collection_id, "ids": list(ids)},
-        )
-        return {r.id: (r.path, r.label, r.sha256) for r in rows}
-
-
-def count_searchable(db: Database, collection_id: int) -> int:
-    with db.connect() as conn:
-        return conn.execute(
-            sa.text("SELECT count(*) FROM images WHERE collection_id = :c AND embedding IS NOT NULL"), {"c": collection_id}
-        ).scalar()
-
-
-def absolute(path: Path) -> str:
-    """Stored paths are absolute so that reports and grids can open the pictures later."""
-    return str(path.absolute())
-
-
-def pca_growth(db: Database, collection_id: int) -> tuple[int, int]:
-    """(pictures stored, those of them stored by the time the PCA was last fitted): `save_pca` alone sets
-    collections.updated_at, and images.ingested_at is when each picture went in (`Collection.refit_due`)."""
-    with db.connect() as conn:
-        row = conn.execute(sa.text("SELECT count(*) AS stored, count(*) FILTER (WHERE i.ingested_at <= c.updated_at) AS at_fit"
-                                   " FROM images i JOIN collections c ON c.id = i.collection_id WHERE i.collection_id = :c"),
-                           {"c": collection_id}).one()
-    return row.stored, row.at_fit
+        rows = conn.exec_driver_sql("SELECT id, path, label, sha256 FROM images WHERE collection_id = %s AND id = ANY(%s)",
+                                    (collection_id, list(ids)))
+        return {r.id: ImageDetails(r.path, r.label, r.sha256) for r in rows}

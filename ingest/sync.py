@@ -2,7 +2,7 @@
 
 A load hashes every file it finds (it has to, to know what it holds) and embeds only new content. Around that,
 the sync compares the files found with the paths recorded before the load (`snapshot`) and writes the
-difference (`reconcile`, one transaction through ingest/paths.py):
+difference (`reconcile`, one transaction through ingest/image_paths.py):
 - a file whose content is already stored, while a recorded path of that content is gone from disk, is a
   move: the path row is re-pointed (and the path searches show, with its label), no CNN run;
 - any other new file with stored content is a copy: one more path of the same image;
@@ -24,12 +24,12 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ingest import paths
-from ingest.paths import Changes
+from ingest import image_paths
+from ingest.image_paths import Changes
 
 if TYPE_CHECKING:
     from ingest.collection import Collection
-    from ingest.load import LoadSummary
+    from ingest.batches import LoadSummary
     from ingest.sources import Candidate
 
 
@@ -37,8 +37,8 @@ def snapshot(coll: Collection, root: Path | None, candidates: list[Candidate]) -
     """path -> (image id, sha256) recorded before the load: every path under `root` (its real path: ingest/sources.py
     records files there), or (without a root) the candidates' own paths."""
     if root is not None:
-        return paths.stored_paths(coll.db, coll.id, under=real_root(root))
-    return paths.stored_paths(coll.db, coll.id, paths=[str(c.path.absolute()) for c in candidates])
+        return image_paths.stored_paths(coll.db, coll.id, under=real_root(root))
+    return image_paths.stored_paths(coll.db, coll.id, paths=[str(c.path.absolute()) for c in candidates])
 
 
 def reconcile(coll: Collection, root: Path | None, before: dict[str, tuple[int, str]], seen: dict[str, tuple[str, str | None]],
@@ -47,14 +47,14 @@ def reconcile(coll: Collection, root: Path | None, before: dict[str, tuple[int, 
     write it all at once and count it in `summary`. Rows of images new in this load were recorded as they went in."""
     present = {p for p, (sha, _) in seen.items() if p in before and before[p][1] == sha}
     new = {p: seen[p][0] for p in seen if p not in present}
-    inserted = paths.stored_paths(coll.db, coll.id, paths=list(new)) if new else {}
+    inserted = image_paths.stored_paths(coll.db, coll.id, paths=list(new)) if new else {}
     fresh = {p for p in new if p in inserted and inserted[p][1] == new[p]}  # the path of an image this load added
     needed = {p: sha for p, sha in new.items() if p not in fresh}
-    images = paths.images_by_sha(coll.db, coll.id, sorted(set(needed.values())))
+    images = image_paths.images_by_sha(coll.db, coll.id, sorted(set(needed.values())))
     owner = {p: images[sha][0] for p, sha in needed.items() if sha in images}  # a concurrent prune may have taken one
 
     gone = {p: v for p, v in before.items() if p not in seen and not os.path.lexists(p)}
-    elsewhere = paths.stored_paths(coll.db, coll.id, image_ids=sorted(set(owner.values()))) if owner else {}
+    elsewhere = image_paths.stored_paths(coll.db, coll.id, image_ids=sorted(set(owner.values()))) if owner else {}
     others = elsewhere | recorded_through_symlink(coll, root)
     aliases = other_names(others, before, seen)
     gone_elsewhere = {p: v for p, v in elsewhere.items()
@@ -80,7 +80,7 @@ def reconcile(coll: Collection, root: Path | None, before: dict[str, tuple[int, 
     live = group({p: before[p][0] for p in present} | {p: inserted[p][0] for p in fresh} | owner)
     dead = set(moved_from) | set(changed) | set(gone) | set(aliases)
     dead_contents = {v[1] for p, v in (before | others).items() if p in dead}
-    for image_id, shown in paths.images_by_sha(coll.db, coll.id, sorted(dead_contents)).values():
+    for image_id, shown in image_paths.images_by_sha(coll.db, coll.id, sorted(dead_contents)).values():
         if shown in dead and live.get(image_id):
             first = live[image_id][0]
             changes.shown[image_id] = (first, seen[first][1])
@@ -88,13 +88,13 @@ def reconcile(coll: Collection, root: Path | None, before: dict[str, tuple[int, 
     changes.forget_failures = failures_named_otherwise(coll, root, seen, summary)
     if prune and root is not None:
         changes.forget = sorted(set(changes.forget) | set(missing))
-        changes.forget_failures += [p for p in paths.failure_paths(coll.db, coll.id, real_root(root)) if not os.path.lexists(p)]
-        changes.prune_orphans = bool(missing or changed or aliases or paths.count_orphans(coll.db, coll.id))
+        changes.forget_failures += [p for p in image_paths.failure_paths(coll.db, coll.id, real_root(root)) if not os.path.lexists(p)]
+        changes.prune_orphans = bool(missing or changed or aliases or image_paths.count_orphans(coll.db, coll.id))
         summary.pruned += len(missing)
     if changes:
-        summary.removed += paths.apply(coll.db, coll.id, changes)
+        summary.removed += image_paths.apply(coll.db, coll.id, changes)
     if not prune:
-        summary.missing += len(missing) + paths.count_orphans(coll.db, coll.id)
+        summary.missing += len(missing) + image_paths.count_orphans(coll.db, coll.id)
 
 
 def real_root(root: Path) -> str:
@@ -107,7 +107,7 @@ def recorded_through_symlink(coll: Collection, root: Path | None) -> dict[str, t
     recorded them so): path -> (image id, sha256)."""
     if root is None or os.path.abspath(root) == real_root(root):
         return {}
-    return paths.stored_paths(coll.db, coll.id, under=os.path.abspath(root))
+    return image_paths.stored_paths(coll.db, coll.id, under=os.path.abspath(root))
 
 
 def other_names(recorded: dict[str, tuple[int, str]], before: dict, seen: dict) -> dict[str, str]:
@@ -122,7 +122,7 @@ def failures_named_otherwise(coll: Collection, root: Path | None, seen: dict, su
     if root is None:
         return []
     found = set(seen) | {p for p, _ in summary.failures}
-    real = real_names(paths.failure_paths(coll.db, coll.id, real_root(root), outside=True))
+    real = real_names(image_paths.failure_paths(coll.db, coll.id, real_root(root), outside=True))
     return [old for old, name in real.items() if name in found and name != old]
 
 

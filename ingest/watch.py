@@ -34,7 +34,7 @@ from ingest.options import to_json
 from ingest.patterns import PathFilter
 
 if TYPE_CHECKING:
-    from ingest.load import LoadSummary
+    from ingest.batches import LoadSummary
 
 DEFAULT_DEBOUNCE = 1.0
 
@@ -166,7 +166,8 @@ def watch_folder(settings, db, root: Path, path_filter: PathFilter = PathFilter(
     from ingest.db import survive_restarts
     from ingest.features import extractor_for
     from ingest.names import folder_collection_name
-    from ingest.precision import feeding, plan_load
+    from ingest.feeding import feeding
+    from ingest.precision import plan_load
     from ingest.reduce import check_dims
     from ingest.watcher import Watcher
 

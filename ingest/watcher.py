@@ -10,7 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ingest import paths
+from ingest import image_paths
 from ingest.errors import CollectionError, DatabaseError, SourceError, first_line
 from ingest.folder_changes import NETWORK_FILESYSTEMS, FileStat, FolderScanner, Inotify, InotifyError, Scan, filesystem_type
 from ingest.load import add_pictures
@@ -188,7 +188,7 @@ class Watcher:
     def start(self, scan: Scan | None) -> None:
         """The first batch: a load of the whole folder. A folder that is gone or empty while the collection has files
         recorded under it is waited for (an unmounted share); one that never was is the user's typo."""
-        recorded = paths.stored_paths(self.coll.db, self.coll.id, under=self.real_root)
+        recorded = image_paths.stored_paths(self.coll.db, self.coll.id, under=self.real_root)
         if scan is None and not recorded:
             kind = "is not a folder" if os.path.exists(self.root) else "does not exist"
             raise SourceError(f"source folder {self.root} {kind}")
@@ -239,15 +239,15 @@ class Watcher:
         start = before is not None
         coll = self.coll.reload()
         if before is None:
-            before = paths.stored_paths(coll.db, coll.id, paths=sorted(ready))
+            before = image_paths.stored_paths(coll.db, coll.id, paths=sorted(ready))
         files = scan.files
         wanted = ready if start else ready | self.other_files(before, files)
         candidates = [files[p][0] for p in sorted(wanted) if p in files]
         summary = add_pictures(coll, candidates, pca_dims=self.first_dims(len(candidates)), batch_size=self.options.batch_size,
                                trees=self.options.trees, workers=self.options.workers, progress=False, root=self.root,
                                prune=self.options.prune)
-        after = (paths.stored_paths(coll.db, coll.id, under=self.real_root) if start
-                 else paths.stored_paths(coll.db, coll.id, paths=sorted(ready)))
+        after = (image_paths.stored_paths(coll.db, coll.id, under=self.real_root) if start
+                 else image_paths.stored_paths(coll.db, coll.id, paths=sorted(ready)))
         report = counted(coll.name, before, after, summary, start=start)
         report.refit_dims = self.refit()
         for p in ready:
@@ -271,7 +271,7 @@ class Watcher:
         images = sorted({image_id for image_id, _ in before.values()})
         if not images:
             return set()
-        recorded = paths.stored_paths(self.coll.db, self.coll.id, image_ids=images)
+        recorded = image_paths.stored_paths(self.coll.db, self.coll.id, image_ids=images)
         return {p for p in recorded if p in files and p not in self.observed}
 
     def first_dims(self, candidates: int) -> int | None:

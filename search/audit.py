@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 from tqdm import tqdm
 
-from ingest import Collection, EngineName, identical_files, raw_cursor
+from ingest import Collection, EngineName, finetune_runs, identical_files, split_by_hash
 from ingest.errors import RisError
 from search.duplicates import DEFAULT_THRESHOLD
 from search.audit_findings import (
@@ -151,30 +151,24 @@ def load_images(coll: Collection, rule: SplitRule | None) -> Images:
         block = ids[start:start + DETAIL_ROWS].tolist()
         details = coll.details(block)
         for i in block:
-            path, label, sha = details[i]
-            paths.append(path)
-            labels.append(rule.label(path, label) if rule else label)
-            shas.append(sha)
-            stored.append(label)
+            found = details[i]
+            paths.append(found.path)
+            labels.append(rule.label(found.path, found.label) if rule else found.label)
+            shas.append(found.sha256)
+            stored.append(found.label)
     return Images(ids, vectors, paths, labels, shas, stored)
 
 
 def run_splits(coll: Collection, run: str | None) -> tuple[str | None, dict[str, str]]:
     """(run, sha256 -> 'train'|'holdout') of a fine-tuning run of this collection (made from it, or producing it);
     with no run given, the latest (by the creation of the collection it produced), or (None, {}) if there is none."""
-    with coll.db.connect() as conn:
-        cur = raw_cursor(conn)
-        cur.execute("SELECT s.run FROM finetune_splits s LEFT JOIN collections c ON c.name = s.run"
-                    " WHERE s.collection_id = %(c)s OR s.run = %(name)s GROUP BY s.run ORDER BY max(c.created_at) DESC NULLS LAST, s.run",
-                    {"c": coll.id, "name": coll.name})
-        runs = [r[0] for r in cur.fetchall()]
-        if run is None and not runs:
-            return None, {}
-        if run is not None and run not in runs:
-            raise RisError(f"no fine-tuning run {run!r} of collection {coll.name!r} (runs: {', '.join(runs) or 'none'})")
-        run = run or runs[0]
-        cur.execute("SELECT i.sha256, s.split FROM finetune_splits s JOIN images i ON i.id = s.image_id WHERE s.run = %s", (run,))
-        return run, dict(cur.fetchall())
+    runs = finetune_runs(coll.db, coll)
+    if run is None and not runs:
+        return None, {}
+    if run is not None and run not in runs:
+        raise RisError(f"no fine-tuning run {run!r} of collection {coll.name!r} (runs: {', '.join(runs) or 'none'})")
+    run = run or runs[0]
+    return run, split_by_hash(coll.db, run)
 
 
 # --- neighbours ------------------------------------------------------------------------------------------

@@ -76,7 +76,7 @@ def similar_command(images, image_ids, negative_files, negative_ids, crop, engin
     hits = coll.similar(composed.query, k, engine=engine, label=label, where=where, exclude=composed.exclude(exclude_self),
                         search_k=search_k, ef_search=ef_search, space=space)
     if plot:
-        from search.plot import plot_neighbours
+        from search.figures import plot_neighbours
 
         first = composed.pictures[0]
         plot_neighbours(plot, first.path, first.label, hits, f"{coll.name} · {engine if space == 'pca' else 'raw 2048-d, exact'}")

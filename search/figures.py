@@ -1,8 +1,9 @@
-"""The report's figures: t-SNE views, the thumbnail map, neighbour grids, PCA variance, labels and latency.
+"""Pictures of results: the query beside its neighbours (`search similar --plot`), and the report's figures:
+t-SNE views, the thumbnail map, neighbour grids, PCA variance, labels and latency.
 
-Every function takes arrays, lists and paths and writes one PNG (or a few) into `out`; the numbers come
-from search.evaluation and the map from search.tsne. matplotlib's Agg backend (set by search.plot),
-fig.savefig, plt.close: nothing here opens a window.
+Every function takes arrays, lists and paths and writes one PNG (or a few) into `out`; the report's numbers come
+from search.evaluation and the map from search.tsne. matplotlib with the Agg backend, fig.savefig, plt.close:
+nothing here opens a window.
 """
 from __future__ import annotations
 
@@ -10,23 +11,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import matplotlib
 import numpy as np
 from tqdm import tqdm
 
 from search.evaluation import BEST_WORST, Latency
-from search.plot import THUMB, draw_row, thumbnail
 
-import matplotlib.pyplot as plt  # noqa: E402  (after search.plot, which selects the Agg backend)
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after the Agg backend is selected)
 from matplotlib import patheffects  # noqa: E402
 from matplotlib.colors import hsv_to_rgb  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
-from PIL import Image  # noqa: E402
+from PIL import Image, ImageOps  # noqa: E402
 from scipy.optimize import linear_sum_assignment  # noqa: E402
 from scipy.spatial.distance import cdist  # noqa: E402
 
 if TYPE_CHECKING:
     from ingest import Hit
 
+THUMB = 160  # pixels of a thumbnail in a row of neighbours
 MAX_THUMBNAILS = 1600  # a 40 x 40 map; larger samples show a seeded subset
 MAP_PIXELS = 2560  # width of the thumbnail map; cells are 64 to 160 px
 
@@ -46,6 +49,44 @@ def save(fig, path: Path) -> Path:
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def thumbnail(path: str | Path, size: int = THUMB):
+    """An upright RGB thumbnail, or a grey square if the file cannot be opened any more."""
+    try:
+        with Image.open(path) as img:
+            img = ImageOps.exif_transpose(img).convert("RGB")
+            img.thumbnail((size, size))
+            return img
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return Image.new("RGB", (size, size), (200, 200, 200))
+
+
+def draw_row(axes, query_path: str | None, query_label: str | None, hits: list[Hit], title: str | None = None) -> None:
+    """Fill one row of axes: the query first, then its neighbours; wrong labels are captioned in red."""
+    axes[0].imshow(thumbnail(query_path) if query_path else Image.new("RGB", (THUMB, THUMB), "white"))
+    axes[0].set_title(f"query\n{query_label or ''}" if not title else f"{title}\n{query_label or ''}", fontsize=9, fontweight="bold")
+    for ax, hit in zip(axes[1:], hits):
+        ax.imshow(thumbnail(hit.path))
+        wrong = query_label is not None and hit.label != query_label
+        ax.set_title(f"#{hit.rank} {hit.label or ''}\nd={hit.distance:.3f}" + (" ✗" if wrong else ""),
+                     fontsize=8, color="crimson" if wrong else "black")
+    for ax in axes:
+        ax.axis("off")
+
+
+def plot_neighbours(out: Path, query_path: str | None, query_label: str | None, hits: list[Hit], title: str = "") -> Path:
+    """Write a PNG of the query and its k neighbours in one row."""
+    columns = len(hits) + 1
+    fig, axes = plt.subplots(1, columns, figsize=(2.0 * columns, 2.6), squeeze=False)
+    draw_row(axes[0], query_path, query_label, hits)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
 
 
 def label_colours(names: list[str]) -> dict[str, tuple]:

@@ -178,28 +178,26 @@ def build_report(
     with clock("latency (SQL, Annoy, numpy)"):
         latency, agreement, raw_agreement = measure_latency(coll, images=images, exact=exact, raw_found=raw_found, k=k, seed=seed,
                                                             check=whole, raw_sql=raw_sql, progress=progress)
-    summary = ReportSummary(
-        coll.name, out, total, n, len({x for x in images.labels if x is not None}), k, seed, coll.dims, None, "",
-        quality["exact"], quality["annoy"], quality["recall"], agreement, quality["best"], quality["worst"], latency,
-        clock.timings, [], None, precision_raw=mean_precision(raw_found, images.ids, images.labels, k) if raw_found is not None else None,
-        raw_agreement=raw_agreement, raw_note=raw_note,
-    )
-    files = []
+    precision_raw = mean_precision(raw_found, images.ids, images.labels, k) if raw_found is not None else None
+    files, explained_variance, sweep, tsne_raw_xy = [], None, [], None
     if images.raw is not None:
         with clock("PCA variance curve"):
             mean, components, ratio = fit_full_pca(images.raw)
             curve = np.cumsum(ratio)
-            summary.explained_variance = float(curve[min(coll.dims, len(curve)) - 1])
+            explained_variance = float(curve[min(coll.dims, len(curve)) - 1])
         with clock("dims sweep"):
-            summary.sweep = run_sweep(images.ids, images.labels, images.raw, mean, components, k=k, raw_found=raw_found,
-                                      rng=rng_for(seed, "sweep"), progress=progress) + engine_rows(summary, coll.dims)
-            numpy_rows = [r for r in summary.sweep if r.timed_with == NUMPY]
-            files.append(plot_sweep(out, numpy_rows, [r for r in summary.sweep if r.timed_with != NUMPY], k, REFERENCE_K))
+            sweep = run_sweep(images.ids, images.labels, images.raw, mean, components, k=k, raw_found=raw_found,
+                              rng=rng_for(seed, "sweep"), progress=progress) + engine_rows(
+                latency, total, coll.dims, precision_raw=precision_raw, precision_exact=quality["exact"], precision_annoy=quality["annoy"])
+            numpy_rows = [r for r in sweep if r.timed_with == NUMPY]
+            files.append(plot_sweep(out, numpy_rows, [r for r in sweep if r.timed_with != NUMPY], k, REFERENCE_K))
         files.append(plot_variance(out, curve, coll.dims, coll.name))
-        files += maps(clock, out, images, images.raw, "tsne_raw", f"{coll.name}: t-SNE of {n} raw feature vectors (2048-d)", seed,
-                      progress, summary, "tsne_raw_xy", neighbours=raw_near, init=(images.raw - mean) @ components[:2].T)
-    files += maps(clock, out, images, images.vectors, "tsne", f"{coll.name}: t-SNE of {n} embeddings ({coll.dims}-d PCA)", seed,
-                  progress, summary, "tsne_xy")
+        made, tsne_raw_xy, _ = maps(clock, out, images, images.raw, "tsne_raw", f"{coll.name}: t-SNE of {n} raw feature vectors (2048-d)",
+                                    seed, progress, neighbours=raw_near, init=(images.raw - mean) @ components[:2].T)
+        files += made
+    made, tsne_xy, tsne = maps(clock, out, images, images.vectors, "tsne", f"{coll.name}: t-SNE of {n} embeddings ({coll.dims}-d PCA)",
+                               seed, progress)
+    files += made
     with clock("neighbour grids"):
         picks = rows[rng_for(seed, "grid queries").choice(n, min(GRID_QUERIES, n), replace=False)]
         methods = {name: METHODS[name] for name in ("raw", "pca", "annoy") if name != "raw" or raw_sql}
@@ -210,38 +208,46 @@ def build_report(
         if quality["per_label"]:
             files.append(plot_labels(out, quality, k))
         files.append(plot_latency(out, latency, total, k))
+    comparison = None
     if compare_with:
         with clock("hold-out comparison"):
-            summary.comparison = compare_holdout(coll, compare_with, k)
-    if (out / AUDIT_FOLDER / "index.html").is_file():  # `search audit --out <this folder>/audit`
-        summary.audit_page = f"{AUDIT_FOLDER}/index.html"
-    summary.files = [write_html(out / "index.html", summary, files)] + files
+            comparison = compare_holdout(coll, compare_with, k)
+    audit = out / AUDIT_FOLDER / "index.html"  # `search audit --out <this folder>/audit`
+    summary = ReportSummary(
+        collection=coll.name, out=out, images=total, sampled=n, labels=len({x for x in images.labels if x is not None}), k=k, seed=seed,
+        pca_dims=coll.dims, explained_variance=explained_variance, tsne=tsne, precision_exact=quality["exact"],
+        precision_annoy=quality["annoy"], annoy_recall=quality["recall"], pgvector_agreement=agreement, best_labels=quality["best"],
+        worst_labels=quality["worst"], latency=latency, timings=clock.timings, files=[out / "index.html"] + files, tsne_xy=tsne_xy,
+        comparison=comparison, precision_raw=precision_raw, raw_agreement=raw_agreement, raw_note=raw_note, sweep=sweep,
+        tsne_raw_xy=tsne_raw_xy, audit_page=f"{AUDIT_FOLDER}/index.html" if audit.is_file() else None,
+    )
+    write_html(out / "index.html", summary, files)
     (out / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2, default=to_json), encoding="utf-8")
     return summary
 
 
 def maps(clock: Stopwatch, out: Path, images: Images, vectors: np.ndarray, prefix: str, title: str, seed: int, progress: bool,
-         summary: ReportSummary, attribute: str, **known) -> list[Path]:
-    """The three t-SNE views of one space (points by label, named clusters, tiled thumbnails); keeps the map on the summary.
-    `known`: neighbours and init already computed (run_tsne)."""
+         **known) -> tuple[list[Path], np.ndarray, str]:
+    """The three t-SNE views of one space (points by label, named clusters, tiled thumbnails): (their files, the map,
+    how it was made). `known`: neighbours and init already computed (run_tsne)."""
     what = "" if prefix == "tsne" else ", raw features"
     with clock(f"t-SNE{what}"):
-        xy, summary.tsne = run_tsne(vectors, seed, progress, **known)
-        setattr(summary, attribute, xy)
+        xy, made_how = run_tsne(vectors, seed, progress, **known)
     with clock(f"t-SNE figures{what}"):
         files = plot_tsne(out, xy, images.labels, title, prefix)
         files.append(plot_thumbnail_map(out, xy, images.paths, rng=rng_for(seed, "thumbnails"), title=f"{title}: thumbnails",
                                         progress=progress, name=f"{prefix}_thumbnails.png"))
-    return files
+    return files, xy, made_how
 
 
-def engine_rows(s: ReportSummary, dims: int) -> list[SweepRow]:
-    """The three methods as deployed, for the sweep's table: their precision and their per-query time."""
-    ms = {t.engine: t.p50_ms for t in s.latency}
-    where = f"over all {s.images} rows"
-    rows = [SweepRow("KNN raw, SQL (--space raw)", 2048, s.precision_raw, ms[RAW_SQL], f"SQL {where}", None)] if RAW_SQL in ms else []
-    return rows + [SweepRow("KNN PCA, pgvector (stored PCA)", dims, s.precision_exact, ms[PGVECTOR], f"SQL {where}", None),
-                   SweepRow("Annoy (stored PCA)", dims, s.precision_annoy, ms[ANNOY], f"Annoy file + row lookup {where}", None)]
+def engine_rows(latency: list[Latency], images: int, dims: int, *, precision_raw: float | None, precision_exact: float | None,
+                precision_annoy: float | None) -> list[SweepRow]:
+    """The three methods as deployed, for the sweep's table: their precision and their per-query time over all `images` rows."""
+    ms = {t.engine: t.p50_ms for t in latency}
+    where = f"over all {images} rows"
+    rows = [SweepRow("KNN raw, SQL (--space raw)", 2048, precision_raw, ms[RAW_SQL], f"SQL {where}", None)] if RAW_SQL in ms else []
+    return rows + [SweepRow("KNN PCA, pgvector (stored PCA)", dims, precision_exact, ms[PGVECTOR], f"SQL {where}", None),
+                   SweepRow("Annoy (stored PCA)", dims, precision_annoy, ms[ANNOY], f"Annoy file + row lookup {where}", None)]
 
 
 def compare_holdout(base: Collection, tuned_name: str, k: int) -> dict:
@@ -278,7 +284,8 @@ def load_images(coll: Collection, ids: np.ndarray, *, with_raw: bool = False) ->
                                "the PCA variance curve are left out.")
         else:
             raw = normalize(raw)
-    return Images(ids, vectors, *([rows[i][n] for i in ids.tolist()] for n in range(3)), raw=raw), note
+    found = [rows[i] for i in ids.tolist()]
+    return Images(ids, vectors, [f.path for f in found], [f.label for f in found], [f.sha256 for f in found], raw=raw), note
 
 
 def check_sizes(n: int, sample: int | None, k: int) -> None:

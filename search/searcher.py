@@ -21,7 +21,8 @@ from urllib.parse import quote
 
 from PIL import Image
 
-from ingest import ENGINES, Collection, Crop, Settings, compose, draft_size, paths_of, pictures_of, raw_cursor
+from ingest import (ENGINES, Collection, Crop, ImageDetails, Settings, compose, count_searchable, draft_size, label_counts, paths_of,
+                    pictures_of)
 from ingest.errors import CollectionError, ImageError, IndexFileError, RisError, WeightsError
 from search.files import FileChanged, FileGone, read_verified
 
@@ -39,7 +40,7 @@ class Refused(Exception):
         self.detail = detail
 
 
-class Searcher:
+class ServerState:
     """What one server process keeps between requests: the database pool, open collections, the model lock."""
 
     def __init__(self, settings: Settings, db, default_collection: str | None = None, max_upload_mb: float = MAX_UPLOAD_MB,
@@ -65,20 +66,14 @@ class Searcher:
             self.checked[name] = time.monotonic()
         elif time.monotonic() - self.checked.get(name, 0) > ROW_CHECK_SECONDS:
             self.checked[name] = time.monotonic()
-            if self.row_changed(coll):
+            try:
+                changed = coll.changed()
+            except CollectionError as e:  # removed meanwhile
+                self.open.pop(coll.name, None)
+                raise Refused(404, str(e)) from None
+            if changed:
                 coll.reload()
         return coll
-
-    def row_changed(self, coll: Collection) -> bool:
-        """One primary-key lookup: has the collection's PCA or its HNSW flag changed since we read its row?"""
-        with self.db.connect() as conn:
-            cur = raw_cursor(conn)
-            cur.execute("SELECT pca_version, pca_dims, hnsw FROM collections WHERE id = %s", (coll.id,))
-            row = cur.fetchone()
-        if row is None:
-            self.open.pop(coll.name, None)
-            raise Refused(404, f"collection {coll.name!r} was removed")
-        return tuple(row) != (coll.row.pca_version, coll.dims, coll.row.hnsw)
 
     def engines(self, coll: Collection) -> dict[str, str | None]:
         """engine -> None if it can answer for the collection now, else the reason it cannot (and what to run)."""
@@ -96,19 +91,15 @@ class Searcher:
         out = []
         for row_coll in Collection.all(self.db, self.settings):
             coll = self.collection(row_coll.name)
-            out.append({"name": coll.name, "images": count_searchable(coll), "dims": coll.dims, "weights": coll.weights,
+            out.append({"name": coll.name, "images": count_searchable(coll.db, coll.id), "dims": coll.dims, "weights": coll.weights,
                         "default": coll.name == self.default, "engines": self.engines(coll)})
         return out
 
     def labels(self, coll: Collection) -> list[dict]:
-        with self.db.connect() as conn:
-            cur = raw_cursor(conn)
-            cur.execute("SELECT label, count(*) FROM images WHERE collection_id = %s AND embedding IS NOT NULL AND label IS NOT NULL"
-                        " GROUP BY label ORDER BY label", (coll.id,))
-            return [{"label": label, "images": n} for label, n in cur.fetchall()]
+        return [{"label": label, "images": n} for label, n in label_counts(coll.db, coll.id).items()]
 
-    def image(self, coll: Collection, image_id: int) -> tuple[str, str | None, str]:
-        """(path, label, sha256) of an image of this collection; 404 for any other id."""
+    def image(self, coll: Collection, image_id: int) -> ImageDetails:
+        """The path, label and sha256 of an image of this collection; 404 for any other id."""
         found = coll.details([image_id]).get(image_id)
         if found is None:
             raise Refused(404, f"no image with id {image_id} in collection {coll.name!r}")
@@ -159,8 +150,8 @@ class Searcher:
 
     def stored_picture(self, coll: Collection, image_id: int, crop) -> bytes:
         """A stored picture's verified bytes, to decode a crop of it, refused beyond the pixel limit as uploads are."""
-        path, _, sha256 = self.image(coll, image_id)
-        data = self.picture(coll, image_id, path, sha256)
+        found = self.image(coll, image_id)
+        data = self.picture(coll, image_id, found.path, found.sha256)
         refuse_oversized(data, self.max_pixels, crop)
         return data
 
@@ -170,11 +161,7 @@ class Searcher:
             raise Refused(422, f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
         coll = self.collection(name)
         try:
-            if coll.pca is None:  # (check_searchable counts rows: fine for the listing, too slow for every search)
-                raise CollectionError(f"collection {coll.name!r} has no searchable images yet; run `ingest load` (or `ingest index`)")
-            problem = coll.engine(engine).problem()  # opened once, then cached by the collection
-            if problem:
-                raise IndexFileError(problem)
+            coll.check_searchable(engine, count_rows=False)  # the engine is opened once, then cached by the collection
         except RisError as e:
             raise Refused(409, str(e)) from None
         return coll
@@ -211,9 +198,9 @@ def files_of(coll: Collection, image_id: int, path: str):
 def stored_bytes(coll: Collection, image_id: int) -> bytes:
     """A stored picture's bytes verified against its sha256, for a command (`search similar --id N --crop`): an
     ImageError says why there are none."""
-    path, _, sha256 = coll.details([image_id])[image_id]
+    found = coll.details([image_id])[image_id]
     try:
-        return read_verified(files_of(coll, image_id, path), sha256)
+        return read_verified(files_of(coll, image_id, found.path), found.sha256)
     except (FileGone, FileChanged) as e:
         raise ImageError(str(e)) from None
 
@@ -268,13 +255,6 @@ def hit_json(collection: str, hit) -> dict:
 
 def image_url(collection: str, image_id: int) -> str:
     return f"/api/collections/{quote(collection, safe='')}/images/{image_id}"
-
-
-def count_searchable(coll: Collection) -> int:
-    with coll.db.connect() as conn:
-        cur = raw_cursor(conn)
-        cur.execute("SELECT count(*) FROM images WHERE collection_id = %s AND embedding IS NOT NULL", (coll.id,))
-        return cur.fetchone()[0]
 
 
 def ms_since(started: float) -> float:

@@ -30,7 +30,7 @@ from ingest import ENGINES, MAX_PICTURES, EngineName, Settings, connect_for_quer
 from ingest.errors import ImageError, RisError, first_line
 from search.files import cached_bytes, cached_path, media_type, not_modified
 from search.guards import GuardMiddleware, Guards, too_large
-from search.searcher import MAX_PIXELS, MAX_UPLOAD_MB, Refused, Searcher, image_url
+from search.searcher import MAX_PIXELS, MAX_UPLOAD_MB, Refused, ServerState, image_url
 from search.thumbnails import LAYOUT, THUMBNAIL_SIZE, cached_thumbnail, make_thumbnail, purge_first_layout
 
 MAX_K = 100
@@ -52,7 +52,7 @@ def create_app(settings: Settings | None = None, db=None, *, collection: str | N
     /docs and /redoc are off: Swagger UI and ReDoc run a script from a CDN on this origin, where the pictures and the
     token cookie are; /openapi.json stays, behind the same guards, for any OpenAPI viewer to read."""
     settings = settings or Settings.load()
-    searcher = Searcher(settings, db or survive_restarts(connect_for_queries(settings), settings.pgdata), collection,
+    searcher = ServerState(settings, db or survive_restarts(connect_for_queries(settings), settings.pgdata), collection,
                         max_upload_mb, max_pixels)
     purge_first_layout(settings.home)
 
@@ -114,7 +114,7 @@ def add_error_handlers(app: FastAPI) -> None:
         return JSONResponse({"detail": "internal error; the server log has the details"}, status_code=500)
 
 
-def add_routes(app: FastAPI, searcher: Searcher) -> None:
+def add_routes(app: FastAPI, searcher: ServerState) -> None:
     K = Query(10, ge=1, le=MAX_K, description="How many neighbours.")
     CROP = Query(None, max_length=100, description='Search a region of the picture: "x,y,w,h" in its pixels (after EXIF rotation).')
     ENGINE = Query(EngineName.PGVECTOR.value, description=f"One of {', '.join(ENGINES)}.")
@@ -171,23 +171,24 @@ def add_routes(app: FastAPI, searcher: Searcher) -> None:
 
     @app.get("/api/collections/{name}/images/{image_id}")
     def image_info(name: str, image_id: int):
-        path, label, sha256 = searcher.image(searcher.collection(name), image_id)
+        found = searcher.image(searcher.collection(name), image_id)
         base = image_url(name, image_id)
-        return {"id": image_id, "label": label, "name": Path(path).name, "sha256": sha256,
+        return {"id": image_id, "label": found.label, "name": Path(found.path).name, "sha256": found.sha256,
                 "thumbnail": f"{base}/thumbnail", "image": f"{base}/file"}
 
     @app.get("/api/collections/{name}/images/{image_id}/thumbnail")
     def image_thumbnail(request: Request, name: str, image_id: int):
         """A JPEG of at most 256 pixels a side, made once from the verified picture and cached by its sha256."""
         coll = searcher.collection(name)
-        path, _, sha256 = searcher.image(coll, image_id)
-        etag = f"{sha256}-{THUMBNAIL_SIZE}-{LAYOUT}"
+        found = searcher.image(coll, image_id)
+        etag = f"{found.sha256}-{THUMBNAIL_SIZE}-{LAYOUT}"
         if (unchanged := not_modified(request, etag)) is not None:
             return unchanged
-        made = cached_thumbnail(home, sha256)
+        made = cached_thumbnail(home, found.sha256)
         if made is None:
             try:
-                made = make_thumbnail(home, sha256, searcher.picture(coll, image_id, path, sha256), max_pixels=searcher.max_pixels)
+                made = make_thumbnail(home, found.sha256, searcher.picture(coll, image_id, found.path, found.sha256),
+                                      max_pixels=searcher.max_pixels)
             except ImageError as e:
                 raise Refused(404, f"image {image_id}: {e}") from None
         return cached_path(made, etag, "image/jpeg")
@@ -196,11 +197,11 @@ def add_routes(app: FastAPI, searcher: Searcher) -> None:
     def image_file(request: Request, name: str, image_id: int):
         """The stored picture itself, as ingested: its bytes are sent only if they hash to its sha256."""
         coll = searcher.collection(name)
-        path, _, sha256 = searcher.image(coll, image_id)
-        if (unchanged := not_modified(request, sha256)) is not None:
+        found = searcher.image(coll, image_id)
+        if (unchanged := not_modified(request, found.sha256)) is not None:
             return unchanged
-        data = searcher.picture(coll, image_id, path, sha256)
-        return cached_bytes(data, sha256, media_type(data))
+        data = searcher.picture(coll, image_id, found.path, found.sha256)
+        return cached_bytes(data, found.sha256, media_type(data))
 
 
 ImageId = Annotated[int, Field(ge=0, lt=2**63)]  # a bigint

@@ -1,21 +1,23 @@
 """Shared fixtures: a private RIS_HOME with the real embedded PostgreSQL, the real ResNet50 (random weights),
-and a fake extractor for tests about storage and search rather than the model.
+a fake extractor for tests about storage and search rather than the model, commands started in the background,
+and an external PostgreSQL a test may stop. Plain helpers are in tests/helpers.py.
 
 The server and the model are started once per test session (the model through the process's own cache,
 ingest.features.extractor_for, which CLI commands run in-process share); every test gets its own collection names.
 """
 from __future__ import annotations
 
-import hashlib
 import os
+import subprocess
+import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image, ImageDraw
 
 from ingest.config import Settings
 from ingest.db import connect, stop_embedded
+from tests.helpers import BIN, FakeExtractor, Running, child_env, make_folder, pg_ctl
+from tests.pg import TcpPostgres
 
 # Commands run the CNN at fp32 whatever the processor: `--precision auto` picks bf16 on some machines and not on
 # others. Set for the whole process (module fixtures load collections before any function fixture runs) and
@@ -58,26 +60,6 @@ def extractor(settings):
     return extractor_for("random", models_dir=settings.models_dir)
 
 
-class FakeExtractor:
-    """A deterministic stand-in for ResNet50 behind the same interface (weights, precision, runtime, fingerprint, embed): 2048 features
-    from a fixed random projection of an 8x8 colour thumbnail, so similar pictures get similar vectors.
-
-    For tests about storing and searching vectors; it costs microseconds where the real model costs seconds."""
-
-    weights = "fake"
-    precision = "fp32"
-    runtime = "openvino"
-    fingerprint = hashlib.sha256(b"tests.conftest.FakeExtractor v1").hexdigest()
-
-    def __init__(self):
-        self.projection = np.random.default_rng(0).normal(size=(8 * 8 * 3, 2048)).astype(np.float32)
-
-    def embed(self, pixels: np.ndarray) -> np.ndarray:
-        n = len(pixels)
-        small = np.asarray(pixels, np.float32).reshape(n, 8, 28, 8, 28, 3).mean(axis=(2, 4)) / 255
-        return np.maximum(small.reshape(n, -1) @ self.projection, 0)
-
-
 @pytest.fixture(scope="session")
 def fake_extractor():
     """The fake extractor, registered as the process's extractor of its weights on every runtime
@@ -91,39 +73,38 @@ def fake_extractor():
     unregister()
 
 
-COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (240, 220, 40)}
-
-
-def make_picture(colour: tuple[int, int, int], shape: str, seed: int, size=(96, 72)) -> Image.Image:
-    """A small distinct picture: a coloured shape on a noisy background, different for every seed."""
-    rng = np.random.default_rng(seed)
-    background = rng.integers(0, 60, (size[1], size[0], 3), dtype=np.uint8) + 100
-    img = Image.fromarray(background.astype(np.uint8), "RGB")
-    draw = ImageDraw.Draw(img)
-    x0, y0 = rng.integers(5, 25, 2)
-    box = (int(x0), int(y0), int(x0) + 50, int(y0) + 40)
-    (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=colour)
-    return img
-
-
-def make_folder(root: Path, labels=("red", "green", "blue"), per_label: int = 4, seed: int = 0) -> Path:
-    """root/<label>/<label>_<i>.jpg pictures; each label has its own colour and shape."""
-    for li, label in enumerate(labels):
-        (root / label).mkdir(parents=True, exist_ok=True)
-        for i in range(per_label):
-            shape = "circle" if li % 2 else "square"
-            make_picture(COLOURS[label], shape, seed * 1000 + li * 100 + i).save(root / label / f"{label}_{i}.jpg", quality=90)
-    return root
-
-
 @pytest.fixture
 def picture_folder(tmp_path) -> Path:
     return make_folder(tmp_path / "pictures")
 
 
-def collection_row(db, name: str):
-    """The stored row of collection `name` (id, dims, PCA, weights), read afresh."""
-    from ingest import store
+@pytest.fixture
+def spawn(ris_home):
+    """Start commands in the background; any still running when the test ends is killed (by its pid)."""
+    started: list[Running] = []
 
-    with db.connect() as conn:
-        return store.find_row(conn, name)
+    def start(program: str, *args, database_url: str | None = None, python_options: tuple[str, ...] = ()) -> Running:
+        argv = [sys.executable, *python_options, str(BIN / program)] if python_options else [str(BIN / program)]
+        run = Running([*argv, *map(str, args)], child_env(ris_home, database_url))
+        started.append(run)
+        return run
+
+    yield start
+    for run in started:
+        if run.running():
+            run.proc.kill()
+            run.proc.wait(30)
+
+
+@pytest.fixture
+def tcp_server(tmp_path):
+    """An external PostgreSQL (with pgvector) that the test may stop and start."""
+    folder = tmp_path / "pg"
+    folder.mkdir()
+    server = TcpPostgres(folder, password="s3cret")
+    server.start()
+    yield server
+    try:
+        pg_ctl(server, "-m", "immediate", "stop")
+    except subprocess.CalledProcessError:
+        pass  # already stopped by the test

@@ -28,7 +28,7 @@ from search.audit_page import CSV_COLUMNS
 from search.cli import cli as search_cli
 from search.evaluation import exact_neighbours
 from search.split_rule import SplitRule
-from tests.conftest import make_folder
+from tests.helpers import make_folder
 
 NAME = "audit-planted"  # unique among the test files: a worker shares one database across them
 FLAT = "audit-flat"
@@ -259,13 +259,13 @@ def test_an_unlabelled_collection_gets_leaks_and_outliers_only_and_says_why(flat
 def test_splits_of_a_fine_tuning_run_are_read_by_content_in_its_base_and_its_own_collection(planted, flat, db, settings):
     base = Collection.named(db, settings, NAME)
     split = ensure_split(db, base, FLAT, labelled_images(db, base), 0.3, seed=1)  # as `ingest finetune --into audit-flat` records it
-    by_sha = {sha: split[i] for i, (_, _, sha) in base.details(list(split)).items()}
+    by_sha = {d.sha256: split[i] for i, d in base.details(list(split)).items()}
     for name in (NAME, FLAT):  # the run's base collection, and the collection the run is named after (same pictures)
         coll = Collection.named(db, settings, name)
         found = run_audit("-c", name, "--threshold", "0.02")  # the only run of either: the default
         assert found == run_audit("-c", name, "--threshold", "0.02", "--run", FLAT)
         ids, vectors = coll.read_vectors("embedding")
-        sha = {i: d[2] for i, d in coll.details(ids.tolist()).items()}
+        sha = {i: d.sha256 for i, d in coll.details(ids.tolist()).items()}
         near, distances = exact_neighbours(ids, vectors, np.arange(len(ids)), 10, distances=True)
         wanted = {frozenset({int(a), int(b)}) for a, row, d_row in zip(ids, near, distances) for b, d in zip(row, d_row)
                   if d <= 0.02 and by_sha[sha[int(a)]] != by_sha[sha[int(b)]]}

@@ -7,10 +7,7 @@ nowhere, and names with quotes, newlines and non-ASCII letters come back intact 
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,9 +19,7 @@ from PIL import ExifTags, Image
 from ingest.annoy_index import read_sidecar
 from ingest.images import decode_image
 from ingest.store import as_array, raw_cursor
-from tests.conftest import COLOURS, make_picture
-from tests.test_images import encode, gradient, png_announcing
-from tests.test_robustness import BIN, LOAD_OPTIONS, PROCESS_TIMEOUT, Finished, child_env, cli, collection_id
+from tests.helpers import BIN, COLOURS, LOAD_OPTIONS, child_env, cli, collection_id, encode, Finished, gradient, make_picture, png_announcing, run_measured
 
 FOLDER_NAME = "bäd \"fîles\" 'x'"  # quotes and non-ASCII: the collection is named after it, made valid
 COLLECTION = "bad-files-x"
@@ -168,25 +163,6 @@ class Load:
         return str(self.root / rel)
 
 
-def run_measured(argv: list[str], env: dict[str, str], out: Path, timeout: float = PROCESS_TIMEOUT) -> tuple[Finished, int]:
-    """Run a command and return what it printed and its peak resident memory (os.wait4's rusage, this child only)."""
-    with open(out.with_suffix(".out"), "wb") as stdout, open(out.with_suffix(".err"), "wb") as stderr:
-        proc = subprocess.Popen(argv, env=env, stdout=stdout, stderr=stderr)
-    deadline = time.monotonic() + timeout
-    while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            break
-        if time.monotonic() > deadline:
-            proc.kill()
-            proc.wait()
-            raise AssertionError(f"{argv} did not finish in {timeout} s")
-        time.sleep(0.1)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    text = [out.with_suffix(s).read_text(encoding="utf-8") for s in (".out", ".err")]
-    return Finished(proc.returncode, *text), usage.ru_maxrss * 1024
-
-
 @pytest.fixture(scope="module")
 def bad_load(db, ris_home, tmp_path_factory) -> Load:
     base = tmp_path_factory.mktemp("bad-files")
@@ -200,20 +176,20 @@ def bad_load(db, ris_home, tmp_path_factory) -> Load:
 
 def stored(db, load: Load) -> dict[str, dict]:
     """path -> the images row (and its raw features) of every picture of the collection."""
-    with db.sqlalchemy.connect() as conn:
+    with db.engine.connect() as conn:
         cur = raw_cursor(conn)
         cur.execute(
             "SELECT i.id, i.path, i.label, i.width, i.height, f.raw FROM images i JOIN features f ON f.image_id = i.id "
             "WHERE i.collection_id = %s",
-            (collection_id(db.sqlalchemy, load.name),),
+            (collection_id(db.engine, load.name),),
         )
         return {r[1]: {"id": r[0], "label": r[2], "size": (r[3], r[4]), "raw": as_array(r[5])} for r in cur.fetchall()}
 
 
 def failures(db, load: Load) -> dict[str, str]:
-    with db.sqlalchemy.connect() as conn:
+    with db.engine.connect() as conn:
         rows = conn.execute(
-            sa.text("SELECT path, reason FROM ingest_failures WHERE collection_id = :c"), {"c": collection_id(db.sqlalchemy, load.name)}
+            sa.text("SELECT path, reason FROM ingest_failures WHERE collection_id = :c"), {"c": collection_id(db.engine, load.name)}
         )
         return dict(rows.all())
 
@@ -333,7 +309,7 @@ def test_odd_names_round_trip_through_search_similar_json(db, bad_load, ris_home
 
 
 def test_odd_names_round_trip_through_search_sql_json(db, bad_load, ris_home):
-    cid = collection_id(db.sqlalchemy, bad_load.name)
+    cid = collection_id(db.engine, bad_load.name)
     images = search_json(ris_home, "sql", f"SELECT path, label FROM images WHERE collection_id = {cid}")
     assert {(r["path"], r["label"]) for r in images} == {(p, row["label"]) for p, row in stored(db, bad_load).items()}
     assert {bad_load.path(rel) for rel in ODD_NAMES} <= {r["path"] for r in images}

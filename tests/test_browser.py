@@ -24,7 +24,7 @@ from ingest.collection import Collection
 from ingest.load import load_collection
 from ingest.sources import walk_folder
 from search.serve import create_app
-from tests.conftest import COLOURS, make_folder
+from tests.helpers import COLOURS, make_folder
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH: `apt-get install chromium` (.ci/run installs it)")

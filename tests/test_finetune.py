@@ -20,7 +20,7 @@ from ingest.images import decode_image, read_file
 from ingest.load import load_collection
 from ingest.sources import walk_folder
 
-from tests.conftest import collection_row, make_folder
+from tests.helpers import collection_row, make_folder
 
 FAST = dict(epochs=2, batch_size=4, holdout=0.3, progress=False)
 
@@ -58,7 +58,7 @@ def test_saved_weights_load_back_as_the_tuned_backbone(tuned, db, settings):
     coll = collection_row(db, "ftshapes-ft")
     assert coll.weights == tuned.weights_path and coll.weights_fingerprint == extractor.fingerprint
     # The features stored for the new collection are the tuned backbone's, bit for bit up to float noise.
-    with db.sqlalchemy.connect() as conn:
+    with db.engine.connect() as conn:
         path, raw = conn.execute(
             sa.text("SELECT i.path, f.raw FROM images i JOIN features f ON f.image_id = i.id WHERE collection_id = :c LIMIT 1"),
             {"c": coll.id},
@@ -81,7 +81,7 @@ def test_saved_weights_load_back_as_the_tuned_backbone(tuned, db, settings):
 def test_new_collection_has_every_image_and_is_searchable_with_both_engines(tuned, db, settings):
     coll = collection_row(db, "ftshapes-ft")
     source = collection_row(db, "ftshapes")
-    with db.sqlalchemy.connect() as conn:
+    with db.engine.connect() as conn:
         count = lambda c: conn.execute(sa.text("SELECT count(*) FROM images WHERE collection_id = :c"), {"c": c}).scalar()
         assert count(coll.id) == count(source.id) == 18
         image_id = conn.execute(sa.text("SELECT min(id) FROM images WHERE collection_id = :c"), {"c": coll.id}).scalar()
@@ -94,7 +94,7 @@ def test_new_collection_has_every_image_and_is_searchable_with_both_engines(tune
 
 def test_holdout_images_never_reach_training(tuned, db, settings):
     coll = Collection.named(db, settings, "ftshapes")
-    with db.sqlalchemy.connect() as conn:
+    with db.engine.connect() as conn:
         rows = conn.execute(sa.text("SELECT image_id, split FROM finetune_splits WHERE run = 'ftshapes-ft'")).all()
     recorded = {s: {r.image_id for r in rows if r.split == s} for s in ("train", "holdout")}
     assert recorded["train"] == set(tuned.train_ids) and recorded["holdout"] == set(tuned.holdout_ids)
@@ -177,14 +177,14 @@ def test_report_compares_holdout_precision_of_base_and_tuned(tuned, db, settings
                            compare_with="ftshapes-ft")
     c = summary.comparison
     assert (c["base"], c["tuned"], c["holdout_images"]) == ("ftshapes", "ftshapes-ft", 6)
-    with db.sqlalchemy.connect() as conn:
+    with db.engine.connect() as conn:
         holdout = set(conn.execute(sa.text(
             "SELECT i.sha256 FROM finetune_splits s JOIN images i ON i.id = s.image_id "
             "WHERE s.run = 'ftshapes-ft' AND s.split = 'holdout'")).scalars())
     for name, key in (("ftshapes", "base_precision"), ("ftshapes-ft", "tuned_precision")):
         coll = collection_row(db, name)
         ids, vectors = read_vectors(db, coll.id, "embedding")
-        with db.sqlalchemy.connect() as conn:
+        with db.engine.connect() as conn:
             meta = {r.id: (r.sha256, r.label) for r in conn.execute(
                 sa.text("SELECT id, sha256, label FROM images WHERE collection_id = :c"), {"c": coll.id})}
         scores = []

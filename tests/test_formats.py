@@ -14,7 +14,7 @@ from PIL import Image
 from ingest.cli import cli as ingest_cli
 from ingest.images import decode_image
 from ingest.sources import walk_folder
-from tests.conftest import COLOURS, make_picture
+from tests.helpers import COLOURS, make_picture
 
 FORMATS = {"HEIF": ".heic", "AVIF": ".avif"}
 ROTATED_CLOCKWISE = 6  # EXIF orientation: display after turning 90 degrees clockwise

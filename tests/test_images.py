@@ -3,15 +3,12 @@ from __future__ import annotations
 
 import io
 import os
-import struct
 import subprocess
 import sys
 import textwrap
 import threading
 import time
 import warnings
-import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,34 +17,9 @@ from PIL import ExifTags, Image, ImageFile
 from ingest import images
 from ingest.errors import ImageError
 from ingest.images import INPUT_SIZE, MAX_PIXELS, DecodeBudget, DecodedImage, decode_image, read_and_decode, read_file
+from tests.helpers import REPO, encode, gradient, png_announcing
 
 WHITE = (255, 255, 255)
-REPO = Path(__file__).resolve().parents[1]
-
-
-def encode(img: Image.Image, fmt: str, **options) -> bytes:
-    buffer = io.BytesIO()
-    img.save(buffer, fmt, **options)
-    return buffer.getvalue()
-
-
-def gradient(width: int, height: int) -> Image.Image:
-    """A smooth picture with a different colour in each corner, so a wrong rotation shows."""
-    x = np.linspace(0, 255, width)[None, :].repeat(height, 0)
-    y = np.linspace(0, 255, height)[:, None].repeat(width, 1)
-    rgb = np.stack([x, y, 255 - x], axis=-1).astype(np.uint8)
-    return Image.fromarray(rgb)
-
-
-def png_announcing(width: int, height: int) -> bytes:
-    """A 1-bit PNG whose header announces width x height but which holds only a few compressed rows:
-    a bomb of a few hundred bytes. Decoding it would allocate width*height bytes before failing."""
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    rows = zlib.compress(b"\0" * 100_000)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
 
 
 def mean_colour(decoded: DecodedImage) -> np.ndarray:

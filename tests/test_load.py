@@ -14,7 +14,7 @@ from ingest.collection import Collection
 from ingest.load import load_collection
 from ingest.sources import walk_folder
 from ingest.store import read_vectors
-from tests.conftest import collection_row, make_folder
+from tests.helpers import collection_row, make_folder
 
 
 def run(*args):
@@ -27,7 +27,7 @@ def load_args(folder, name, *extra):
 
 
 def count(db, sql, **params):
-    with db.sqlalchemy.connect() as conn:
+    with db.engine.connect() as conn:
         return conn.execute(sa.text(sql), params).scalar()
 
 
@@ -42,7 +42,7 @@ def test_load_folder_stores_images_features_embeddings_and_index(db, settings, p
     assert count(db, "SELECT count(DISTINCT label) FROM images WHERE collection_id = :c", c=coll.id) == 3
     assert count(db, "SELECT count(*) FROM features f JOIN images i ON i.id = f.image_id WHERE collection_id = :c", c=coll.id) == 12
     assert count(db, "SELECT count(*) FROM images WHERE collection_id = :c AND vector_dims(embedding) = 4", c=coll.id) == 12
-    paths = {p for p in db.sqlalchemy.connect().execute(sa.text("SELECT path FROM images WHERE collection_id = :c"), {"c": coll.id}).scalars()}
+    paths = {p for p in db.engine.connect().execute(sa.text("SELECT path FROM images WHERE collection_id = :c"), {"c": coll.id}).scalars()}
     assert paths == {str(c.path) for c in walk_folder(picture_folder)[0]}
     # Embeddings are the stored PCA applied to the stored raw features.
     ids, raw = read_vectors(db, coll.id, "raw")
@@ -101,7 +101,7 @@ def test_bad_files_are_recorded_and_strict_fails(db, picture_folder):
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["failed"] == 2
     coll = collection_row(db, "bad")
-    with db.sqlalchemy.connect() as conn:
+    with db.engine.connect() as conn:
         reasons = dict(conn.execute(sa.text("SELECT path, reason FROM ingest_failures WHERE collection_id = :c"), {"c": coll.id}).all())
     assert reasons[str(picture_folder / "red" / "empty.jpg")] == "empty file"
     assert "not an image" in reasons[str(picture_folder / "red" / "text.jpg")]

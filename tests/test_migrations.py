@@ -13,9 +13,9 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
-from ingest.config import Settings
-from ingest.db import HEAD_REVISION, alembic_config, connect, current_revision, downgrade, upgrade
+from ingest.db import HEAD_REVISION, alembic_config, current_revision, downgrade, upgrade
 from ingest.models import Base
+from tests.helpers import scratch_database
 
 
 def test_head_revision_constant_matches_alembic():
@@ -23,13 +23,7 @@ def test_head_revision_constant_matches_alembic():
 
 
 def test_upgrade_downgrade_upgrade_and_models_match(tmp_path, ris_home):
-    # A database of its own on the session's server, so other tests' tables are untouched.
-    db = connect(Settings(home=ris_home))
-    with db.sqlalchemy.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        conn.execute(sa.text("DROP DATABASE IF EXISTS ris_migrations"))
-        conn.execute(sa.text("CREATE DATABASE ris_migrations"))
-    engine = sa.create_engine(db.sqlalchemy.url.set(database="ris_migrations"))
-    try:
+    with scratch_database(ris_home, "ris_migrations") as engine:
         upgrade(engine)
         assert current_revision(engine) == HEAD_REVISION
         downgrade(engine, "base")
@@ -41,8 +35,6 @@ def test_upgrade_downgrade_upgrade_and_models_match(tmp_path, ris_home):
         with engine.connect() as conn:
             diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata)
         assert diff == []
-    finally:
-        engine.dispose()
 
 
 ALEMBIC_INI = Path(__file__).resolve().parent.parent / "migrations" / "alembic.ini"

@@ -2,7 +2,7 @@
 pictures and files made to exhaust memory, a folder of bad files loaded with the default PCA size.
 
 The fake extractor stands in for ResNet50 (the model is not the subject); commands run in-process with CliRunner,
-or in a child process where memory is measured (its peak RSS, from os.wait4).
+or in a child process where memory is measured (its own peak RSS, VmHWM).
 """
 from __future__ import annotations
 
@@ -24,10 +24,7 @@ from ingest.collection import Collection
 from ingest.errors import CollectionError
 from ingest.names import file_stem
 from search.cli import cli as search_cli
-from tests.conftest import make_folder
-from tests.test_bad_files import run_measured
-from tests.test_images import REPO, png_announcing
-from tests.test_robustness import child_env
+from tests.helpers import REPO, child_env, make_folder, png_announcing, run_measured
 
 
 def invoke(cli, *args, env=None):
@@ -42,7 +39,7 @@ def load(folder: Path, name: str, *extra, env=None) -> dict:
 
 def recorded(db, name: str, table: str = "image_paths") -> set[str]:
     """Every path a collection records in image_paths (or images, or ingest_failures)."""
-    with db.sqlalchemy.connect() as conn:
+    with db.engine.connect() as conn:
         return set(conn.execute(sa.text(f"SELECT t.path FROM {table} t JOIN collections c ON c.id = t.collection_id"
                                         " WHERE c.name = :n"), {"n": name}).scalars())
 
@@ -86,7 +83,7 @@ def test_hostile_collection_name_is_refused_by_cli_and_library(db, settings, ris
     finetune = invoke(ingest_cli, "finetune", "--into", name)
     assert finetune.exit_code == 1 and finetune.output.startswith("Error: invalid collection name")
     assert files_outside(ris_home) == before
-    with db.sqlalchemy.connect() as conn:
+    with db.engine.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM collections WHERE name = :n"), {"n": name.replace("\x00", "")}).scalar() == 0
 
 
@@ -108,7 +105,7 @@ def load_default(folder: Path, *extra) -> dict:
 
 def rename_collection(db, old: str, new: str) -> None:
     """What a database of an earlier version may hold: a collection whose name is not valid now."""
-    with db.sqlalchemy.begin() as conn:
+    with db.engine.begin() as conn:
         conn.execute(sa.text("UPDATE collections SET name = :new WHERE name = :old"), {"old": old, "new": new})
 
 
@@ -182,7 +179,7 @@ def test_paths_recorded_through_a_symlink_by_an_older_version_are_recognised(db,
     link.symlink_to(real)
     name = f"old-links-{reload_through}"
     load(real, name)
-    with db.sqlalchemy.begin() as conn:  # an earlier version recorded the folder as it was named: through the link
+    with db.engine.begin() as conn:  # an earlier version recorded the folder as it was named: through the link
         for table in ("image_paths", "images", "ingest_failures"):
             conn.execute(sa.text(f"UPDATE {table} SET path = :link || substr(path, length(:real) + 1)"
                                  " WHERE starts_with(path, :real || '/')"), {"link": str(link), "real": str(real)})
@@ -215,7 +212,7 @@ def solid_png(width: int, height: int) -> bytes:
 
 DECODE_IN_THREADS = textwrap.dedent(
     """
-    import resource, sys
+    import sys
     from concurrent.futures import ThreadPoolExecutor
     from pathlib import Path
     from ingest.images import decode_budget, decode_image
@@ -223,10 +220,12 @@ DECODE_IN_THREADS = textwrap.dedent(
     if budget:
         decode_budget.resize(budget)
     data = path.read_bytes()
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    def high_water():  # VmHWM is this program's own peak; ru_maxrss would count the process it was forked from
+        return int(Path('/proc/self/status').read_text().split('VmHWM:')[1].split()[0])
+    base = high_water()
     with ThreadPoolExecutor(threads) as pool:
         sizes = {(d.width, d.height, d.pixels.shape) for d in pool.map(lambda _: decode_image(data), range(threads))}
-    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024, sizes)
+    print((high_water() - base) * 1024, sizes)
     """
 )
 
@@ -264,7 +263,7 @@ def test_png_decompression_bomb_decodes_within_the_budget(tmp_path, width, heigh
 FAKE_LOAD = textwrap.dedent(
     """
     import sys
-    from tests.conftest import FakeExtractor
+    from tests.helpers import FakeExtractor
     from ingest.features import register_extractor
     register_extractor(FakeExtractor())
     from ingest.cli import cli
@@ -292,7 +291,7 @@ def test_sparse_3_gb_file_is_refused_unread(db, ris_home, tmp_path):
     reason = "file too large: 3072 MB exceeds the limit of 200 MB (--max-file-mb)"
     huge = str((tmp_path / "with-huge" / "red" / "huge.png").resolve())
     assert summary["failures"] == [[huge, reason]]
-    with db.sqlalchemy.connect() as conn:
+    with db.engine.connect() as conn:
         assert conn.execute(sa.text("SELECT reason FROM ingest_failures WHERE path = :p"), {"p": huge}).scalar() == reason
     assert peak < runs["without-huge"][1] + 100 * 2**20
 

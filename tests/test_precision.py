@@ -12,14 +12,16 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from ingest import feeding as feeding_module
 from ingest import precision as precision_module
 from ingest.cli import cli as ingest_cli
 from ingest.collection import Collection
 from ingest.errors import RisError, WeightsError
 from ingest.features import register_extractor
-from ingest.precision import Feeding, Hardware, choose, choose_runtime, cpu_flags, feeding, nvidia_gpus
+from ingest.feeding import Feeding, feeding
+from ingest.precision import Hardware, choose, choose_runtime, cpu_flags, nvidia_gpus
 from search.cli import cli as search_cli
-from tests.conftest import FakeExtractor, collection_row, make_folder
+from tests.helpers import collection_row, FakeExtractor, make_folder
 
 GPU = Hardware(gpus=("/physical_device:GPU:0",), gpu_bf16=True)
 BF16_CPU = Hardware(cpu_bf16=True)
@@ -143,7 +145,7 @@ def test_nvidia_gpus_are_read_from_the_drivers_files(tmp_path):
 
 
 def test_gpu_feeding_uses_bigger_batches_and_every_core(monkeypatch):
-    monkeypatch.setattr(precision_module.os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(feeding_module.os, "cpu_count", lambda: 16)
     assert feeding(PLAIN_CPU, "fp32") == Feeding(32, 2, None)
     gpu = feeding(GPU, "bf16", runtime="tensorflow")
     assert (gpu.batch_size, gpu.workers) == (128, 16)
@@ -222,7 +224,7 @@ def test_a_gpu_load_says_so_first_and_feeds_it_more(db, tmp_path, tensorflow_fak
     from ingest import load as load_module
 
     monkeypatch.setattr(precision_module, "hardware", lambda: GPU)
-    monkeypatch.setattr(precision_module.os, "cpu_count", lambda: 6)
+    monkeypatch.setattr(feeding_module.os, "cpu_count", lambda: 6)
     seen = []
     real = load_module.add_pictures
     monkeypatch.setattr(load_module, "add_pictures", lambda *a, **kw: seen.append(kw) or real(*a, **kw))

@@ -31,7 +31,7 @@ from search.cli import cli as search_cli
 from search.evaluation import brute_force
 from search.searcher import stored_bytes
 from search.serve import create_app
-from tests.conftest import COLOURS, make_folder, make_picture
+from tests.helpers import COLOURS, make_folder, make_picture
 
 REGIONS, SHAPES, TAMPERED = "regions", "shapes", "shapes-tampered"
 SIDE = 300  # the stored pictures of the real-model collection are 300 x 300

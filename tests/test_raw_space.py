@@ -14,7 +14,7 @@ from ingest.reduce import normalize
 from ingest.store import read_vectors
 from search.cli import cli as search_cli
 from search.evaluation import brute_force
-from tests.conftest import COLOURS, make_folder, make_picture
+from tests.helpers import COLOURS, make_folder, make_picture
 
 NAME, OTHER = "raw-space", "raw-space-other"
 
@@ -90,7 +90,7 @@ def test_filters_stay_inside_the_collection(db, colls):
 @pytest.mark.parametrize("args, error", [
     (["--engine", "annoy"], "--engine annoy searches the PCA space only"),
     (["--engine", "hnsw"], "--engine hnsw searches the PCA space only"),
-    (["--where", "1=1) OR (1=1"], "closes a parenthesis"),
+    (["--where", "1=1) OR (1=1"], "is not a SQL condition: syntax error"),
 ])
 def test_refusals_are_one_line(db, colls, args, error):
     item = str(read_vectors(db, colls[1].id, "raw")[0][0])

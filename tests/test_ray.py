@@ -19,8 +19,7 @@ from ingest.distributed import LOCAL, Cluster
 from ingest.load import load_collection
 from ingest.sources import walk_folder
 from ingest.store import read_vectors
-from tests.conftest import COLOURS, collection_row, make_folder
-from tests.test_robustness import STEP_TIMEOUT, check_consistent, cli, load_args, make_load_folder, spawn  # noqa: F401 (a fixture)
+from tests.helpers import COLOURS, STEP_TIMEOUT, check_consistent, cli, collection_row, load_args, make_folder, make_load_folder
 
 ACTOR = "MapBatches(Embedder)"  # in the process title Ray gives an embedding actor
 
@@ -135,7 +134,7 @@ def test_killed_driver_then_killed_actor_lose_and_double_nothing(db, settings, t
     run.proc.kill()
     assert run.finish().returncode == -signal.SIGKILL
     wait_until(lambda: not actor_pids(), "Ray to stop the killed driver's actors")
-    kept = check_consistent(db.sqlalchemy, name, valid)
+    kept = check_consistent(db.engine, name, valid)
     assert 1 <= kept < len(valid) - 4, "the driver was killed too late to leave work for the rerun"
 
     result = {}
@@ -159,7 +158,7 @@ def test_killed_driver_then_killed_actor_lose_and_double_nothing(db, settings, t
     summary = result["summary"]
     assert summary.present >= kept and summary.failed == 1
     assert summary.ingested <= len(valid) - kept  # a batch retried after it committed adds nothing
-    assert check_consistent(db.sqlalchemy, name, valid) == len(valid)
+    assert check_consistent(db.engine, name, valid) == len(valid)
     with db.connect() as conn:
         embedded = conn.execute(sa.text("SELECT count(*) FROM images WHERE collection_id = :c AND embedding IS NOT NULL"),
                                 {"c": collection_row(db, name).id}).scalar()

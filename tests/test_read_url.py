@@ -19,9 +19,8 @@ from ingest.load import load_collection
 from ingest.options import open_database
 from ingest.sources import walk_folder
 from search.serve import create_app
-from tests.conftest import COLOURS, make_folder
+from tests.helpers import COLOURS, cli, make_folder
 from tests.pg import TcpPostgres
-from tests.test_robustness import cli
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
-"""search report: a small collection loaded through the CLI, reports built on it, files and numbers checked
-against an independent computation (read_vectors + brute force by hand, Annoy searched one query at a time)."""
+"""search report: a small collection stored through the fake extractor (the report reads stored vectors; the model is
+not its subject), reports built on it, files and numbers checked against an independent computation (read_vectors +
+brute force by hand, Annoy searched one query at a time)."""
 from __future__ import annotations
 
 import json
@@ -11,30 +12,28 @@ import sqlalchemy as sa
 from click.testing import CliRunner
 from PIL import Image
 
-from ingest.cli import cli as ingest_cli
 from ingest.reduce import normalize
 from ingest.collection import Collection
+from ingest.load import load_collection
+from ingest.sources import walk_folder
 from ingest.store import read_vectors
 from search.cli import cli as search_cli
 from search.evaluation import brute_force, exact_neighbours
 from search.figures import grid_cells
 from search.report import build_report
 from search.tsne import tsne_perplexity
-from tests.conftest import collection_row, make_folder
+from tests.helpers import collection_row, make_folder
 
 NAME = "report-shapes"
 K = 4
 
 
 @pytest.fixture(scope="module")
-def collection(tmp_path_factory, ris_home, db):
-    """24 pictures, 4 labels x 6, loaded with the real CLI (random weights, 4 dims)."""
+def collection(tmp_path_factory, db, settings, fake_extractor):
+    """24 pictures, 4 labels x 6, stored at 4 dims through the fake extractor."""
     folder = make_folder(tmp_path_factory.mktemp("report") / "pictures", labels=("red", "green", "blue", "yellow"), per_label=6)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RIS_HOME", str(ris_home))
-        mp.delenv("DATABASE_URL", raising=False)
-        result = CliRunner().invoke(ingest_cli, ["load", "folder", str(folder), "--collection", NAME, "--weights", "random", "--pca-dims", "4"])
-    assert result.exit_code == 0, result.output
+    summary = load_collection(db, settings, NAME, walk_folder(folder)[0], fake_extractor, pca_dims=4, root=folder, progress=False)
+    assert summary.ingested == 24 and summary.failed == 0
     return collection_row(db, NAME)
 
 
@@ -47,7 +46,7 @@ def report(collection, db, settings, tmp_path_factory):
 def by_hand(db, settings, coll):
     """Leave-one-out precision@k (exact and Annoy) and Annoy's recall, one query at a time."""
     ids, vectors = read_vectors(db, coll.id, "embedding")
-    with db.sqlalchemy.connect() as conn:
+    with db.engine.connect() as conn:
         label = dict(conn.execute(sa.text("SELECT id, label FROM images WHERE collection_id = :c"), {"c": coll.id}).all())
     annoy = Collection.named(db, settings, coll.name)
     exact_p, annoy_p, recall = [], [], []
@@ -128,7 +127,7 @@ def test_raw_precision_and_the_dims_sweep_match_numpy(report, collection, db):
 
     ids, raw = read_vectors(db, collection.id, "raw")
     raw = normalize(raw)
-    with db.sqlalchemy.connect() as conn:
+    with db.engine.connect() as conn:
         label = dict(conn.execute(sa.text("SELECT id, label FROM images WHERE collection_id = :c"), {"c": collection.id}).all())
 
     def precision(vectors):

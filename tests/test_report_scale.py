@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from ingest.collection import Collection
 from search.cli import cli as search_cli
 from search.report import build_report
-from tests.conftest import COLOURS, make_folder
+from tests.helpers import COLOURS, make_folder
 
 NAME = "report-no-raw"
 
@@ -27,7 +27,7 @@ def no_raw(db, settings, fake_extractor, tmp_path_factory):
     folder = make_folder(tmp_path_factory.mktemp("no-raw") / "pics", labels=tuple(COLOURS), per_label=8, seed=31)
     load_collection(db, settings, NAME, walk_folder(folder)[0], fake_extractor, pca_dims=3, progress=False)
     coll = Collection.named(db, settings, NAME)
-    with db.sqlalchemy.begin() as conn:
+    with db.engine.begin() as conn:
         conn.execute(sa.text("DELETE FROM features f USING images i WHERE f.image_id = i.id AND i.collection_id = :c"), {"c": coll.id})
     return coll
 

@@ -7,17 +7,11 @@ unless a test points it at its own external server. Every wait has a timeout.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
-import os
 import re
-import shutil
 import signal
 import subprocess
-import sys
-import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,176 +22,26 @@ from ingest.annoy_index import read_sidecar
 from ingest.db import sqlalchemy_url
 from ingest import locks
 from ingest.collection import Collection
-from ingest.load import LoadSummary, load_collection, prepare, store_batch
+from ingest.batches import LoadSummary, prepare, store_batch
+from ingest.load import load_collection
 from ingest.reduce import fit_pca
 from ingest.sources import walk_folder
-from ingest.store import find_row, read_vectors, save_pca
-from tests.conftest import COLOURS, collection_row, make_folder
+from ingest.store import read_vectors, save_pca
+from tests.helpers import BIN, CLASSES, COLOURS, LOAD_OPTIONS, PROCESS_TIMEOUT, check_consistent, child_env, cli, collection_id, collection_row, Finished, hostile_tar, load_args, make_caltech_tree, make_folder, make_load_folder, make_tar_gz, pg_ctl, restart, Running, sha256_of
 from tests.pg import TcpPostgres
-from tests.test_sources import CLASSES, hostile_tar, make_caltech_tree, make_tar_gz
 
-BIN = Path(sys.executable).parent  # .venv/bin: ingest and search next to the interpreter running the tests
-PROCESS_TIMEOUT = 300  # seconds for one whole command; the model alone takes 5-20 s on a busy machine
-STEP_TIMEOUT = 180  # seconds to reach one point of a run (a progress count, a lock wait)
-PROGRESS = re.compile(rb"\| *(\d+)/(\d+) \[")  # tqdm: "  13%|#3   | 8/60 [00:05<00:31, ...]"
 INTERRUPTED = "interrupted: what was stored is kept; run the same command again to finish"
-LOAD_OPTIONS = ("--weights", "random", "--pca-dims", "4")
 
 
 # --- running the commands ------------------------------------------------------------------------
 
 
-def child_env(ris_home: Path, database_url: str | None = None) -> dict[str, str]:
-    """The environment of a command under test: the session's RIS_HOME; DATABASE_URL only if given."""
-    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
-    env["RIS_HOME"] = str(ris_home)
-    if database_url:
-        env["DATABASE_URL"] = database_url
-    return env
-
-
-@dataclass(frozen=True)
-class Finished:
-    returncode: int
-    stdout: str
-    stderr: str
-
-    @property
-    def messages(self) -> list[str]:
-        """stderr without progress bars and blank lines: what a user reads."""
-        return [line for line in re.split(r"[\r\n]", self.stderr) if line.strip() and not PROGRESS.search(line.encode())]
-
-
-def default_sigint() -> None:
-    """preexec_fn of every command under test: SIGINT back to its default action before exec.
-
-    A shell without job control starts background jobs (`pytest ... &`, nohup under a script) with SIGINT
-    ignored, an ignored signal stays ignored across fork and exec, and a Python started with SIGINT ignored
-    never raises KeyboardInterrupt: the Ctrl-C tests would then test nothing but the launch."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-def cli(ris_home: Path, program: str, *args, database_url: str | None = None, timeout: float = PROCESS_TIMEOUT) -> Finished:
-    """Run `ingest ...` or `search ...` to the end."""
-    done = subprocess.run(
-        [str(BIN / program), *map(str, args)], env=child_env(ris_home, database_url),
-        capture_output=True, encoding="utf-8", timeout=timeout, preexec_fn=default_sigint,
-    )
-    return Finished(done.returncode, done.stdout, done.stderr)
-
-
-class Running:
-    """A command whose output is collected while it runs, so a test can act at a given point of its progress."""
-
-    def __init__(self, argv: list[str], env: dict[str, str]):
-        self.proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=default_sigint)
-        self.out, self.err = bytearray(), bytearray()
-        self.readers = [
-            threading.Thread(target=self._pump, args=(stream, sink), daemon=True)
-            for stream, sink in ((self.proc.stdout, self.out), (self.proc.stderr, self.err))
-        ]
-        for reader in self.readers:
-            reader.start()
-
-    @staticmethod
-    def _pump(stream, sink: bytearray) -> None:
-        while chunk := stream.read1(65536):
-            sink.extend(chunk)
-
-    def progress(self) -> int:
-        """Images the progress bar has counted so far; -1 before the bar appears."""
-        counts = PROGRESS.findall(bytes(self.err))
-        return int(counts[-1][0]) if counts else -1
-
-    def wait_for(self, condition, what: str, timeout: float = STEP_TIMEOUT) -> None:
-        deadline = time.monotonic() + timeout
-        while not condition():
-            if self.proc.poll() is not None:
-                raise AssertionError(f"the command ended (exit {self.proc.returncode}) before {what}: {bytes(self.err)[-2000:]!r}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {what}: {bytes(self.err)[-2000:]!r}")
-            time.sleep(0.05)
-
-    def running(self) -> bool:
-        return self.proc.poll() is None
-
-    def finish(self, timeout: float = PROCESS_TIMEOUT) -> Finished:
-        self.proc.wait(timeout)
-        for reader in self.readers:
-            reader.join(30)
-        return Finished(self.proc.returncode, self.out.decode("utf-8"), self.err.decode("utf-8"))
-
-
-@pytest.fixture
-def spawn(ris_home):
-    """Start commands in the background; any still running when the test ends is killed (by its pid)."""
-    started: list[Running] = []
-
-    def start(program: str, *args, database_url: str | None = None, python_options: tuple[str, ...] = ()) -> Running:
-        argv = [sys.executable, *python_options, str(BIN / program)] if python_options else [str(BIN / program)]
-        run = Running([*argv, *map(str, args)], child_env(ris_home, database_url))
-        started.append(run)
-        return run
-
-    yield start
-    for run in started:
-        if run.running():
-            run.proc.kill()
-            run.proc.wait(30)
-
-
 # --- what the tables must look like ------------------------------------------------------------
-
-
-def make_load_folder(root: Path, per_label: int) -> tuple[Path, set[str]]:
-    """Pictures in 4 labels, plus a copy of one (same sha256) and a broken file; returns the folder and
-    the sha256 of its unique valid pictures."""
-    make_folder(root, labels=tuple(COLOURS), per_label=per_label)
-    valid = {sha256_of(p) for p in root.rglob("*.jpg")}
-    shutil.copy(root / "red" / "red_0.jpg", root / "red" / "copy_of_red_0.jpg")
-    whole = (root / "blue" / "blue_0.jpg").read_bytes()
-    (root / "blue" / "broken.jpg").write_bytes(whole[: len(whole) // 2])
-    return root, valid
-
-
-def sha256_of(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def load_args(folder: Path, name: str, *extra) -> list:
-    return ["load", "folder", folder, "--collection", name, *LOAD_OPTIONS, *extra]
 
 
 def valid_among_first(folder: Path, n: int, valid: set[str]) -> set[str]:
     """The valid pictures among the first n files a load of folder goes through: stored once the bar shows n."""
     return {sha256_of(c.path) for c in walk_folder(folder)[0][:n]} & valid
-
-
-def collection_id(engine, name: str) -> int | None:
-    with engine.connect() as conn:
-        found = find_row(conn, name)
-    return found.id if found else None
-
-
-def check_consistent(engine, name: str, valid: set[str]) -> int:
-    """What an interrupted load may leave: some of the valid pictures, each once, each with its features.
-    Returns how many are stored."""
-    cid = collection_id(engine, name)
-    if cid is None:
-        return 0
-    with engine.connect() as conn:
-        hashes = conn.execute(sa.text("SELECT sha256 FROM images WHERE collection_id = :c"), {"c": cid}).scalars().all()
-        without_features = conn.execute(
-            sa.text("SELECT count(*) FROM images i LEFT JOIN features f ON f.image_id = i.id WHERE i.collection_id = :c AND f.image_id IS NULL"),
-            {"c": cid},
-        ).scalar()
-        orphan_features = conn.execute(
-            sa.text("SELECT count(*) FROM features f LEFT JOIN images i ON i.id = f.image_id WHERE i.id IS NULL")
-        ).scalar()
-    assert len(hashes) == len(set(hashes)), "a picture is stored twice"
-    assert set(hashes) <= valid, "something other than the folder's valid pictures is stored"
-    assert without_features == 0 and orphan_features == 0
-    return len(hashes)
 
 
 def check_complete(engine, ris_home: Path, name: str, valid: set[str], database_url: str | None = None) -> None:
@@ -258,7 +102,7 @@ def test_kill_9_at_six_moments_then_a_rerun_completes(db, ris_home, tmp_path, sp
         run.proc.kill()
         result = run.finish()
         assert result.returncode in ((-signal.SIGKILL, 0) if may_have_finished else (-signal.SIGKILL,)), result.stderr
-        now = check_consistent(db.sqlalchemy, name, valid)
+        now = check_consistent(db.engine, name, valid)
         assert now >= stored[-1], "a kill lost committed rows"
         stored.append(now)
 
@@ -273,10 +117,10 @@ def test_kill_9_at_six_moments_then_a_rerun_completes(db, ris_home, tmp_path, sp
     killed(run)
 
     # 3. Inside a batch's transaction: its rows are COPYed and the INSERT waits on a row lock we hold.
-    blocker = block_one_insert(db.sqlalchemy, name, folder)
+    blocker = block_one_insert(db.engine, name, folder)
     try:
         run = spawn("ingest", *args)
-        run.wait_for(lambda: waiting_on_lock(db.sqlalchemy, "transactionid") > 0, "the batch INSERT to wait")
+        run.wait_for(lambda: waiting_on_lock(db.engine, "transactionid") > 0, "the batch INSERT to wait")
         killed(run)
     finally:
         blocker.rollback()
@@ -290,9 +134,9 @@ def test_kill_9_at_six_moments_then_a_rerun_completes(db, ris_home, tmp_path, sp
     assert stored[-1] >= len(valid_among_first(folder, 20, valid))
 
     # 5. After every row is stored, waiting for the end-of-load lock (before PCA and the Annoy file).
-    with db.sqlalchemy.connect() as holder, locks.holding(holder, locks.COLLECTION, of=collection_id(db.sqlalchemy, name)):
+    with db.engine.connect() as holder, locks.holding(holder, locks.COLLECTION, of=collection_id(db.engine, name)):
         run = spawn("ingest", *args)
-        run.wait_for(lambda: waiting_on_lock(db.sqlalchemy, "advisory") > 0, "the end-of-load lock")
+        run.wait_for(lambda: waiting_on_lock(db.engine, "advisory") > 0, "the end-of-load lock")
         killed(run)
     assert stored[-1] == len(valid)
 
@@ -306,7 +150,7 @@ def test_kill_9_at_six_moments_then_a_rerun_completes(db, ris_home, tmp_path, sp
     assert final.returncode == 0, final.stderr
     summary = json.loads(final.stdout)
     assert summary["ingested"] + summary["present"] + summary["duplicates"] == total - 1 and summary["failed"] == 1
-    check_complete(db.sqlalchemy, ris_home, name, valid)
+    check_complete(db.engine, ris_home, name, valid)
 
 
 # --- Ctrl-C --------------------------------------------------------------------------------------
@@ -321,14 +165,14 @@ def test_ctrl_c_is_one_line_exit_130_and_a_rerun_finishes(db, ris_home, tmp_path
     result = run.finish()
     assert result.returncode == 130, result.stderr
     assert result.messages == [INTERRUPTED] and "Traceback" not in result.stderr
-    kept = check_consistent(db.sqlalchemy, "interrupted", valid)
+    kept = check_consistent(db.engine, "interrupted", valid)
     assert kept >= 4
 
     rerun = cli(ris_home, "ingest", *args, "--json")
     assert rerun.returncode == 0, rerun.stderr
     summary = json.loads(rerun.stdout)
     assert summary["present"] >= kept and summary["ingested"] + summary["present"] + summary["duplicates"] == len(valid) + 1
-    check_complete(db.sqlalchemy, ris_home, "interrupted", valid)
+    check_complete(db.engine, ris_home, "interrupted", valid)
 
 
 def test_ctrl_c_while_the_command_starts_is_one_line_exit_130(tmp_path, spawn):
@@ -354,7 +198,7 @@ def test_two_loads_of_one_folder_at_once(db, ris_home, tmp_path, spawn):
     for summary in summaries:
         assert summary["ingested"] + summary["present"] + summary["duplicates"] == len(valid) + 1 and summary["failed"] == 1
     assert sum(s["ingested"] for s in summaries) == len(valid)
-    check_complete(db.sqlalchemy, ris_home, "twice", valid)
+    check_complete(db.engine, ris_home, "twice", valid)
 
 
 # --- a load and `ingest reduce` at once ----------------------------------------------------------
@@ -391,29 +235,6 @@ def test_a_batch_stored_while_ingest_reduce_refits_gets_the_new_pca(db, settings
 
 
 # --- the database goes away ----------------------------------------------------------------------
-
-
-@pytest.fixture
-def tcp_server(tmp_path):
-    """An external PostgreSQL (with pgvector) that the test may stop and start."""
-    folder = tmp_path / "pg"
-    folder.mkdir()
-    server = TcpPostgres(folder, password="s3cret")
-    server.start()
-    yield server
-    try:
-        pg_ctl(server, "-m", "immediate", "stop")
-    except subprocess.CalledProcessError:
-        pass  # already stopped by the test
-
-
-def pg_ctl(server: TcpPostgres, *args: str) -> None:
-    server.run(str(server.bin / "pg_ctl"), "-D", str(server.data), "-w", *args)
-
-
-def restart(server: TcpPostgres) -> None:
-    """Start a stopped server again on its port (crash recovery replays the WAL)."""
-    pg_ctl(server, "-l", str(server.dir / "log"), "-o", f"-h 127.0.0.1 -p {server.port} -k ''", "start")
 
 
 def assert_one_line_database_error(result: Finished) -> None:
@@ -491,9 +312,9 @@ def test_server_without_pgvector_is_one_line(ris_home, tmp_path, bin_without_pgv
 def test_eight_searches_at_once(db, settings, ris_home, tmp_path, extractor):
     folder = make_folder(tmp_path / "crowd", labels=tuple(COLOURS), per_label=3, seed=5)
     load_collection(db, settings, "crowd", walk_folder(folder)[0], extractor, pca_dims=4, progress=False)
-    with db.sqlalchemy.connect() as conn:
+    with db.engine.connect() as conn:
         ids = conn.execute(
-            sa.text("SELECT id FROM images WHERE collection_id = :c ORDER BY id LIMIT 8"), {"c": collection_id(db.sqlalchemy, "crowd")}
+            sa.text("SELECT id FROM images WHERE collection_id = :c ORDER BY id LIMIT 8"), {"c": collection_id(db.engine, "crowd")}
         ).scalars().all()
     env = child_env(ris_home)
     procs = [
@@ -527,7 +348,7 @@ def test_hostile_archive_is_one_line(db, ris_home, tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert len(result.messages) == 1 and "refused" in result.messages[0], result.stderr
     assert not list(ris_home.rglob("evil")) and not (tmp_path / "evil").exists()
-    assert collection_id(db.sqlalchemy, "evil") is None
+    assert collection_id(db.engine, "evil") is None
 
 
 def test_truncated_archive_then_good_archive(db, ris_home, tmp_path):
@@ -539,7 +360,7 @@ def test_truncated_archive_then_good_archive(db, ris_home, tmp_path):
     cut = cli(ris_home, "ingest", *args, "--source", truncated)
     assert cut.returncode == 1 and "Traceback" not in cut.stderr
     assert len(cut.messages) == 1 and "truncated or not a valid archive" in cut.messages[0], cut.stderr
-    assert collection_id(db.sqlalchemy, "caltech-cli") is None
+    assert collection_id(db.engine, "caltech-cli") is None
 
     whole = cli(ris_home, "ingest", *args, "--source", good, "--json")
     assert whole.returncode == 0, whole.stderr

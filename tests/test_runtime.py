@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from ingest.cli import cli as ingest_cli
 from ingest.collection import Collection
 from ingest.config import Settings
-from ingest.db import connect, upgrade
+from ingest.db import upgrade
 from ingest.features import build_extractor, extractor_for
 from ingest.images import decode_image, read_file
 from ingest.ir_cache import IrFiles, read_cached, weights_key
@@ -26,7 +26,7 @@ from ingest.load import load_collection
 from ingest.precision import openvino_cpu_bf16
 from ingest.sources import walk_folder
 from search.cli import cli as search_cli
-from tests.conftest import COLOURS, collection_row, make_folder, make_picture
+from tests.helpers import COLOURS, collection_row, make_folder, make_picture, scratch_database
 
 F32_BOUND, BF16_BOUND = 0.9999, 0.999  # per picture, against Keras at fp32
 needs_bf16 = pytest.mark.skipif(not openvino_cpu_bf16(), reason="OpenVINO computes no bf16 on this processor")
@@ -191,7 +191,7 @@ def test_runtime_tensorflow_still_loads_and_openvino_answers_its_collection(db, 
     through = {runtime: Collection.named(db, Settings(home=settings.home, runtime=runtime), name) for runtime in ("tensorflow", "openvino")}
     assert through["openvino"].extractor().runtime == "openvino" and through["openvino"].extractor().precision == precision
     ids, stored = through["openvino"].read_vectors("raw")
-    pixels = np.stack([decode_image(read_file(Path(through["openvino"].details([i])[i][0]))).pixels for i in ids.tolist()])
+    pixels = np.stack([decode_image(read_file(Path(through["openvino"].details([i])[i].path))).pixels for i in ids.tolist()])
     assert cosines(through["openvino"].embed(pixels)[0], stored).min() >= bound
     hits = {runtime: [h.id for h in coll.similar(coll.query(image=new), 5)] for runtime, coll in through.items()}
     assert hits["openvino"] == hits["tensorflow"]
@@ -224,12 +224,7 @@ def test_a_broken_runtime_is_one_line(tmp_path, runtime):
 
 def test_collections_from_before_openvino_are_recorded_as_tensorflow(ris_home):
     """Migration 0006 on a database at 0005 holding a collection: the collection's runtime is 'tensorflow'."""
-    db = connect(Settings(home=ris_home))
-    with db.sqlalchemy.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        conn.execute(sa.text("DROP DATABASE IF EXISTS ris_runtime_migration"))
-        conn.execute(sa.text("CREATE DATABASE ris_runtime_migration"))
-    engine = sa.create_engine(db.sqlalchemy.url.set(database="ris_runtime_migration"))
-    try:
+    with scratch_database(ris_home, "ris_runtime_migration") as engine:
         upgrade(engine, "0005")
         with engine.begin() as conn:
             conn.execute(sa.text("INSERT INTO collections (name, model, weights, weights_fingerprint, pca_dims, precision) "
@@ -237,5 +232,3 @@ def test_collections_from_before_openvino_are_recorded_as_tensorflow(ris_home):
         upgrade(engine)
         with engine.connect() as conn:
             assert conn.execute(sa.text("SELECT runtime, precision FROM collections WHERE name = 'old'")).one() == ("tensorflow", "bf16")
-    finally:
-        engine.dispose()

@@ -14,6 +14,7 @@ import sqlalchemy as sa
 from ingest import store
 from ingest.annoy_index import read_sidecar
 from ingest.collection import Collection
+from ingest.counts import count_searchable
 from ingest.errors import IndexFileError
 from ingest.filters import Filter
 from ingest.reduce import fit_pca
@@ -160,7 +161,7 @@ def test_pca_is_fitted_on_a_bounded_seeded_sample(db, settings, monkeypatch):
     chosen = np.sort(np.random.default_rng(collection.PCA_SEED).choice(ids, 60, replace=False))
     _, raw = store.vectors_of(db, coll.id, "raw", chosen)
     np.testing.assert_allclose(coll.pca.components, fit_pca(raw, 4).components, atol=1e-5)
-    assert store.count_searchable(db, coll.id) == 150  # every row is projected, not only the sample
+    assert count_searchable(db, coll.id) == 150  # every row is projected, not only the sample
 
 
 def test_hnsw_from_the_command_line(db, settings):

@@ -31,9 +31,8 @@ from ingest.sources import walk_folder
 from search.cli import cli as search_cli
 from search.serve import create_app, no_delay
 from search.thumbnails import thumbnail_path
-from tests.conftest import make_folder
+from tests.helpers import make_folder, png_announcing
 from tests.live_server import LiveServer, get
-from tests.test_images import png_announcing
 
 NAME, UNINDEXED = "web", "web-unindexed"
 LIMIT_MB = 0.05  # a small upload limit, so a test can exceed it cheaply
@@ -202,7 +201,7 @@ def test_upload_needs_a_file_field(client):
 def test_thumbnails_are_cached_by_content_with_caching_headers(client, coll, folder, settings):
     path = folder / "green" / "green_0.jpg"
     query_id = image_id(coll, path)
-    sha256 = coll.details([query_id])[query_id][2]
+    sha256 = coll.details([query_id])[query_id].sha256
     cached = thumbnail_path(settings.home, sha256)
     cached.unlink(missing_ok=True)
     response = client.get(f"/api/collections/{NAME}/images/{query_id}/thumbnail")
@@ -218,7 +217,7 @@ def test_thumbnails_are_cached_by_content_with_caching_headers(client, coll, fol
 def test_a_picture_gone_from_disk_is_404_not_500(client, coll, folder, settings, tmp_path):
     path = folder / "blue" / "blue_3.jpg"
     query_id = image_id(coll, path)
-    thumbnail_path(settings.home, coll.details([query_id])[query_id][2]).unlink(missing_ok=True)
+    thumbnail_path(settings.home, coll.details([query_id])[query_id].sha256).unlink(missing_ok=True)
     shutil.move(path, tmp_path / "away.jpg")
     try:
         for what in ("thumbnail", "file"):

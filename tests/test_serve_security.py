@@ -23,9 +23,8 @@ from ingest.collection import Collection
 from ingest.load import load_collection
 from ingest.sources import walk_folder
 from search.thumbnails import THUMBNAIL_SIZE, thumbnail_path
-from tests.conftest import make_folder
+from tests.helpers import make_folder, png_announcing
 from tests.live_server import LiveServer, exchange, get, parse_answer
-from tests.test_images import png_announcing
 
 NAME = "guarded"
 LIMIT_MB = 0.05  # the upload limit of the module's server: 51 KB
@@ -251,7 +250,7 @@ def test_symlinked_parent_folder_swap_serves_nothing_but_the_stored_picture(serv
 def test_a_swapped_picture_is_sent_from_its_other_copy(server, coll, folder, secret, tmp_path):
     """red_0.jpg has a copy (blue/copy.jpg): with the file the picture is shown by swapped, it still comes, from the other."""
     picture = image_id(coll, folder / "red" / "red_0.jpg")
-    shown = Path(coll.details([picture])[picture][0])
+    shown = Path(coll.details([picture])[picture].path)
     original = shown.read_bytes()
     shutil.move(shown, tmp_path / "kept.jpg")
     shown.symlink_to(secret)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import http.server
-import io
 import os
 import socket
 import tarfile
@@ -13,37 +12,12 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
 from ingest.errors import SourceError
 from ingest.archives import download, extract_archive
 from ingest.caltech101 import EXCLUDED_CALTECH_LABELS, prepare_caltech101
 from ingest.sources import Candidate, walk_folder
-
-CLASSES = ("airplanes", "Faces", "yin_yang")
-
-
-def make_jpeg(path: Path, shade: int = 128) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (4, 4), (shade, 0, 255 - shade)).save(path, "JPEG")
-    return path
-
-
-def make_caltech_tree(root: Path) -> Path:
-    """101_ObjectCategories as in the official archive: classes, BACKGROUND_Google and its stray 'tmp' file."""
-    categories = root / "101_ObjectCategories"
-    for i, name in enumerate(CLASSES + ("BACKGROUND_Google",)):
-        for j in range(2):
-            make_jpeg(categories / name / f"image_{j + 1:04d}.jpg", shade=40 * i + j)
-    (categories / "BACKGROUND_Google" / "tmp").write_bytes(b"not an image")
-    return categories
-
-
-def make_tar_gz(folder: Path, archive: Path) -> Path:
-    archive.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(archive, "w:gz") as tf:
-        tf.add(folder, arcname=folder.name)
-    return archive
+from tests.helpers import CLASSES, add_bytes, hostile_tar, make_caltech_tree, make_jpeg, make_tar_gz
 
 
 def make_official_zip(tmp_path: Path) -> Path:
@@ -60,12 +34,6 @@ def make_official_zip(tmp_path: Path) -> Path:
         zf.writestr("caltech-101/show_annotation.m", "% matlab")
         zf.writestr("__MACOSX/caltech-101/._101_ObjectCategories.tar.gz", b"\x00\x05\x16\x07")
     return archive
-
-
-def add_bytes(tf: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tf.addfile(info, io.BytesIO(data))
 
 
 def md5_of(path: Path) -> str:
@@ -213,26 +181,6 @@ def test_download_http_error(tmp_path, server):
 
 
 # --- extract_archive -----------------------------------------------------------------------------
-
-
-def hostile_tar(archive: Path, outside: Path, kind: str) -> None:
-    with tarfile.open(archive, "w") as tf:
-        add_bytes(tf, "fine.txt", b"ok")
-        if kind in ("../evil", "abs"):
-            add_bytes(tf, "../evil" if kind == "../evil" else str(outside / "abs_evil"), b"evil")
-            return
-        info = tarfile.TarInfo("link")
-        if kind == "symlink":
-            info.type, info.linkname = tarfile.SYMTYPE, "../outside.txt"
-        elif kind == "hardlink":
-            info.type, info.linkname = tarfile.LNKTYPE, str(outside / "outside.txt")
-        elif kind == "through-link":
-            info.type, info.linkname = tarfile.SYMTYPE, "."
-        else:
-            info.type = tarfile.CHRTYPE
-        tf.addfile(info)
-        if kind == "through-link":
-            add_bytes(tf, "link/evil", b"evil")
 
 
 def hostile_zip(archive: Path, outside: Path, kind: str) -> None:

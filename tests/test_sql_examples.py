@@ -24,7 +24,7 @@ from PIL import Image
 from ingest.cli import cli as ingest_cli
 from ingest.store import read_vectors
 from search.cli import cli as search_cli
-from tests.conftest import collection_row, COLOURS, make_folder, make_picture
+from tests.helpers import COLOURS, collection_row, make_folder, make_picture
 
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
 SQL_FILES = sorted(SQL_DIR.glob("*.sql"))
@@ -71,7 +71,7 @@ def loaded(db, ris_home, tmp_path_factory) -> Loaded:
     assert result.exit_code == 0, result.output
     coll = collection_row(db, COLLECTION)
     ids, vectors = read_vectors(db, coll.id, "embedding")
-    with db.sqlalchemy.connect() as conn:
+    with db.engine.connect() as conn:
         sql = "SELECT label, path FROM images WHERE collection_id = :c ORDER BY id"
         rows = conn.execute(sa.text(sql), {"c": coll.id}).all()
     assert len(ids) == len(rows) == 26

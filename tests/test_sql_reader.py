@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from ingest.cli import cli as ingest_cli
 from ingest.reader import CREDENTIALS_FILE, READER_ROLE
 from search.cli import cli as search_cli
-from tests.conftest import make_folder
+from tests.helpers import make_folder
 from tests.pg import TcpPostgres
 
 

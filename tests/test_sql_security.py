@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from ingest.cli import cli as ingest_cli
 from ingest.reader import CREDENTIALS_FILE, POWERFUL_ROLES, READER_ROLE, ROLE_SETTINGS, project_tables
 from search.cli import cli as search_cli
-from tests.conftest import make_folder
+from tests.helpers import make_folder
 
 GUARDED, HIDDEN = "guarded", "hidden"  # the collection searched, and one beside it a filter must never reach
 

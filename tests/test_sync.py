@@ -16,7 +16,7 @@ from ingest.cli import cli as ingest_cli
 from ingest.collection import Collection
 from ingest.patterns import PathFilter
 from ingest.store import stored_image
-from tests.conftest import COLOURS, collection_row, make_folder, make_picture
+from tests.helpers import COLOURS, collection_row, make_folder, make_picture
 
 
 @pytest.fixture
@@ -42,7 +42,7 @@ def load(folder, name, *extra):
 
 def paths(db, name) -> dict[str, int]:
     """path -> image id of every file recorded for a collection."""
-    with db.sqlalchemy.connect() as conn:
+    with db.engine.connect() as conn:
         rows = conn.execute(sa.text("SELECT p.path, p.image_id FROM image_paths p JOIN collections c ON c.id = p.collection_id"
                                     " WHERE c.name = :n"), {"n": name})
         return dict(rows.all())
@@ -50,7 +50,7 @@ def paths(db, name) -> dict[str, int]:
 
 def images(db, name) -> dict[int, tuple[str, str]]:
     """id -> (shown path, label) of a collection's images."""
-    with db.sqlalchemy.connect() as conn:
+    with db.engine.connect() as conn:
         rows = conn.execute(sa.text("SELECT i.id, i.path, i.label FROM images i JOIN collections c ON c.id = i.collection_id"
                                     " WHERE c.name = :n"), {"n": name})
         return {r.id: (r.path, r.label) for r in rows}
@@ -58,7 +58,7 @@ def images(db, name) -> dict[int, tuple[str, str]]:
 
 def state(db, settings, name):
     """Everything a load could change: rows, paths, failures, the collection row, the index files."""
-    with db.sqlalchemy.connect() as conn:
+    with db.engine.connect() as conn:
         tables = [conn.execute(sa.text(sql), {"n": name}).all() for sql in (
             "SELECT i.id, i.path, i.label, i.sha256, i.embedding_seq, i.embedding::text FROM images i"
             " JOIN collections c ON c.id = i.collection_id WHERE c.name = :n ORDER BY i.id",
@@ -124,7 +124,7 @@ def test_deleted_files_are_counted_then_pruned_and_vanish_from_every_engine(db, 
     coll = Collection.named(db, settings, "prune")
     gone = picture_folder / "blue" / "blue_1.jpg"
     image_id = paths(db, "prune")[str(gone)]
-    vector = stored_image(db, coll.id, image_id=image_id)[3]
+    vector = stored_image(db, coll.id, image_id=image_id).embedding
     assert coll.similar(vector, 1, engine="annoy")[0].id == image_id
     coll.build_hnsw()
     sidecar = read_sidecar(settings.annoy_dir, "prune")
@@ -139,7 +139,7 @@ def test_deleted_files_are_counted_then_pruned_and_vanish_from_every_engine(db, 
     summary = load(picture_folder, "prune", "--prune")
     assert (summary["pruned"], summary["removed"], summary["missing"]) == (1, 1, 0)
     assert image_id not in images(db, "prune") and str(gone) not in paths(db, "prune")
-    with db.sqlalchemy.connect() as conn:
+    with db.engine.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM ingest_failures WHERE collection_id = :c"), {"c": coll.id}).scalar() == 0
     coll.reload()
     assert coll.row.removed_rows == 1

@@ -27,8 +27,7 @@ from ingest.db import sqlalchemy_url
 from ingest.load import load_collection
 from ingest.patterns import PathFilter
 from ingest.sources import walk_folder
-from tests.conftest import COLOURS, make_folder, make_picture
-from tests.test_robustness import Running, cli, pg_ctl, restart, spawn, tcp_server  # noqa: F401 - spawn, tcp_server: fixtures
+from tests.helpers import COLOURS, cli, make_folder, make_picture, pg_ctl, restart, Running
 
 BIN = Path(sys.executable).parent
 WEIGHTS = ("--weights", "random")
@@ -87,7 +86,7 @@ def pictures(engine, name: str) -> dict[str, str | None]:
 
 
 def engine_of(db):
-    return db.sqlalchemy
+    return db.engine
 
 
 def wait_until(condition, what: str, timeout: float, run: Running | None = None) -> float:
