@@ -33,7 +33,7 @@ from search.searcher import stored_bytes
 from search.serve import create_app
 from tests.helpers import COLOURS, make_folder, make_picture
 
-REGIONS, SHAPES, TAMPERED = "regions", "shapes", "shapes-tampered"
+REGIONS, SHAPES, TAMPERED = "query-regions", "query-shapes", "query-shapes-tampered"
 SIDE = 300  # the stored pictures of the real-model collection are 300 x 300
 
 
