@@ -131,9 +131,8 @@ class ServerState:
         coll = self.searchable(name, engine)
         region = parse_crop(crop)
         ids = positives + negatives
-        missing = set(ids) - set(coll.details(ids)) if ids else set()
-        if missing:
-            raise Refused(404, f"no image with id {min(missing)} in collection {coll.name!r}")
+        if len(ids) > 1 or (ids and region is not None):  # one id alone is looked up by the query itself (404 below)
+            self.refuse_missing(coll, ids)
         if upload is not None:
             refuse_oversized(upload, self.max_pixels, region)
         started = time.perf_counter()
@@ -143,10 +142,18 @@ class ServerState:
                     composed = compose(coll, pictures_of([path] if path else [], positives, crop=region), pictures_of(ids=negatives),
                                        read_stored=lambda i: self.stored_picture(coll, i, region))
             except (WeightsError, CollectionError) as e:
+                self.refuse_missing(coll, ids)
                 raise Refused(409, str(e)) from None
             except RisError as e:  # bad image data or crop: the reason, without our temporary path
                 raise Refused(422, str(e).replace(str(path), "the upload")) from None
         return self.answer(coll, composed, k, engine, label, query_ms=ms_since(started))
+
+    @staticmethod
+    def refuse_missing(coll: Collection, ids: list[int]) -> None:
+        """404 if any of `ids` is not an image of the collection (an id of another collection included)."""
+        missing = set(ids) - set(coll.details(ids)) if ids else set()
+        if missing:
+            raise Refused(404, f"no image with id {min(missing)} in collection {coll.name!r}")
 
     def stored_picture(self, coll: Collection, image_id: int, crop) -> bytes:
         """A stored picture's verified bytes, to decode a crop of it, refused beyond the pixel limit as uploads are."""
