@@ -2,9 +2,10 @@
 
     RIS_HOME=... python bench/serve.py --collection caltech101 --clients 16 --seconds 20 [--json]
 
-Two phases on one server (`--workers` processes, default 2): searches by id only (no CNN; the figure the
+Three phases on one server (`--workers` processes, default 2): searches by id only (no CNN; the figure the
 target is about: p95 under 50 ms with 16 clients on 2 cores), then mixed: `--uploaders` of the clients upload
-pictures (re-encoded copies of stored ones, so the CNN runs) while the rest search by id. Each client keeps one
+pictures (re-encoded copies of stored ones, so the CNN runs) while the rest search by id, then one client uploading
+alone (the time a new picture takes when the server is not busy with others). Each client keeps one
 HTTP/1.1 connection. Per kind: requests/s, p50/p95/p99 and errors (any answer but 200). The baseline is the
 same search by id through the library in this process, one at a time, so the ratio is what HTTP, JSON and
 sharing the machine with the server cost. The clients run in this process and share the 2 cores with the
@@ -224,6 +225,7 @@ def main(collection, clients, uploaders, seconds, workers, engine, k, seed, shot
         warm_up(port, coll.name, ids, bodies, params, workers)
         by_id = run_phase(port, server.pid, coll.name, ["by id"] * clients, ids, bodies, params, seconds)
         mixed = run_phase(port, server.pid, coll.name, ["upload"] * uploaders + ["by id"] * (clients - uploaders), ids, bodies, params, seconds)
+        alone = run_phase(port, server.pid, coll.name, ["upload"], ids, bodies, params, seconds)  # one picture at a time
         if shot:
             path = next(iter(coll.details(ids[:1]).values())).path
             screenshot(port, Path(path), shot)
@@ -232,7 +234,7 @@ def main(collection, clients, uploaders, seconds, workers, engine, k, seed, shot
         server.wait(timeout=60)
     summary = {"collection": coll.name, "images": len(coll.image_ids()), "engine": engine, "k": k, "workers": workers,
                "seconds": seconds, "machine": f"{cpu_model()}, {os.cpu_count()} cores", "load_average": os.getloadavg()[0],
-               "library_by_id_ms": baseline, "by_id_only": by_id, "mixed": mixed}
+               "library_by_id_ms": baseline, "by_id_only": by_id, "mixed": mixed, "uploads_alone": alone}
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
@@ -243,7 +245,7 @@ def main(collection, clients, uploaders, seconds, workers, engine, k, seed, shot
                                                                      for phase, r in (("by id only", by_id), ("mixed", mixed))))
     click.echo(f"{'phase':<12}{'kind':<8}{'clients':>8}{'req/s':>8}{'p50 ms':>8}{'p95 ms':>8}{'p99 ms':>8}{'errors':>7}{'x base p50':>11}"
                "   cores: clients server others")
-    for phase, result in (("by id only", by_id), ("mixed", mixed)):
+    for phase, result in (("by id only", by_id), ("mixed", mixed), ("upload one", alone)):
         for kind, n in result["clients"].items():
             r = result[kind]
             ratio = f"{r['p50_ms'] / baseline['p50_ms']:.1f}" if kind == "by id" and "p50_ms" in r else ""

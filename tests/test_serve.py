@@ -176,10 +176,11 @@ def test_errors_are_one_line(client, db, settings, folder, method, url, params, 
     (b"\xff\xd8\xff" + os.urandom(1000), 422, "cannot use the upload as a query: "),
     (os.urandom(int(LIMIT_MB * 1024 * 1024) + 1), 413, "the upload is larger than the limit of 0.05 MB"),
 ])
-def test_bad_uploads_are_refused_with_their_reason(client, data, status, detail):
+def test_bad_uploads_are_refused_with_their_reason(client, data, status, detail, tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # this server's uploads only: other servers on the machine write theirs too
     response = upload(client, data)
     assert response.status_code == status and response.json()["detail"].startswith(detail), response.text
-    assert not [n for n in os.listdir(tempfile.gettempdir()) if n.startswith("ris-upload-")], "a temporary upload was left behind"
+    assert not [n for n in os.listdir(tmp_path) if n.startswith("ris-upload-")], "a temporary upload was left behind"
 
 
 @pytest.mark.parametrize("url", ["/api/collections/web/images/..%2F..%2Fetc%2Fpasswd/file", "/api/collections/web/images/%2Fetc%2Fpasswd/file",
