@@ -158,8 +158,12 @@ def burst(db, home: Path, work: Path, n: int) -> dict:
     hashes = [sha256(p) for p in staging.iterdir()]
     env = {**os.environ, "RIS_HOME": str(home)}
     env.pop("DATABASE_URL", None)
+    subprocess.run([str(BIN / "ingest"), "load", "folder", str(folder / "seed"), "-c", f"bench-burst-warm-{RUN}", "--weights",
+                    "random"], env=env, capture_output=True, check=True)  # converts the model once, as the watcher finds it
+    began = time.perf_counter()
     done = subprocess.run([str(BIN / "ingest"), "load", "folder", str(staging), "-c", f"bench-burst-load-{RUN}", "--weights", "random", "--json"],
                           env=env, capture_output=True, text=True, check=True)
+    load_wall = time.perf_counter() - began  # the command as a user times it: start-up, model, PCA and Annoy included
     load = json.loads(done.stdout)
     watcher = Watcher(home, folder, f"bench-burst-watch-{RUN}")
     try:
@@ -168,11 +172,12 @@ def burst(db, home: Path, work: Path, n: int) -> dict:
         seconds = wait_searchable(db, f"bench-burst-watch-{RUN}", hashes, 3600)
     finally:
         watcher.stop()
-    load_rate = load["ingested"] / load["seconds"]
+    load_rate = load["ingested"] / load_wall
     watch_rate = n / seconds
     batches = [{k: e[k] for k in ("added", "seconds", "refit_dims")} for e in watcher.events if e.get("event") == "batch" and not e["start"]]
-    return {"pictures": n, "load_seconds": load["seconds"], "load_per_s": load_rate, "watch_seconds": seconds,
-            "watch_per_s": watch_rate, "ratio": watch_rate / load_rate, "watch_batches": batches}
+    return {"pictures": n, "load_seconds": load_wall, "load_per_s": load_rate, "watch_seconds": seconds,
+            "watch_per_s": watch_rate, "ratio": watch_rate / load_rate, "watch_batches": batches,
+            "load_reported_seconds": load["seconds"], "ratio_to_load_reported": watch_rate / (load["ingested"] / load["seconds"])}
 
 
 def idle(home: Path, work: Path, files: int, poll: float, seconds: float) -> dict:
@@ -269,9 +274,10 @@ def report(r: dict, poll: float) -> None:
                        f"max {x['max_s']:.2f} s (target p95 <= {target:g} s: {verdict})")
     if "burst" in r:
         x = r["burst"]
-        click.echo(f"burst: {x['pictures']} pictures, watcher {x['watch_per_s']:.1f}/s ({x['watch_seconds']:.1f} s), load "
-                   f"{x['load_per_s']:.1f}/s ({x['load_seconds']:.1f} s): {x['ratio']:.2f}x "
-                   f"(target >= {BURST_TARGET}: {'ok' if x['ratio'] >= BURST_TARGET else 'MISSED'})")
+        click.echo(f"burst: {x['pictures']} pictures, watcher {x['watch_per_s']:.1f}/s ({x['watch_seconds']:.1f} s, landing to "
+                   f"searchable), `ingest load folder` {x['load_per_s']:.1f}/s ({x['load_seconds']:.1f} s, the command's wall "
+                   f"time): {x['ratio']:.2f}x (target >= {BURST_TARGET}: {'ok' if x['ratio'] >= BURST_TARGET else 'MISSED'}); "
+                   f"against the {x['load_reported_seconds']:.1f} s the load reports for its own loop: {x['ratio_to_load_reported']:.2f}x")
     if "idle" in r:
         x = r["idle"]
         click.echo(f"idle: {x['files']} files at --poll {x['poll_s']:g}: {100 * x['idle_cores']:.2f}% of a core over "
