@@ -17,6 +17,7 @@ import io
 import math
 import os
 import re
+import stat
 import threading
 import warnings
 from collections import deque
@@ -169,11 +170,15 @@ def read_file(path: Path, *, max_bytes: int | None = None) -> bytes:
     """A file's bytes (the caller hashes them before deciding to decode), or ImageError saying why not.
 
     A file larger than `max_bytes` (default: the process's limit, `file_size_limit`) is refused from its
-    size, before a byte is read; the read itself stops past the limit too, in case the file grew meanwhile."""
+    size, before a byte is read; the read itself stops past the limit too, in case the file grew meanwhile. It is
+    opened without blocking and must be a regular file: a FIFO put where a picture was would otherwise hang the load."""
     limit = max_bytes or max_file_bytes()
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+            status = os.fstat(f.fileno())
+            if not stat.S_ISREG(status.st_mode):
+                raise ImageError("cannot read: not a regular file")
+            size = status.st_size
             if size > limit:
                 raise ImageError(_too_large(size, limit))
             data = f.read(size + 1)

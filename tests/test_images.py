@@ -351,3 +351,14 @@ def test_read_file_refuses_a_file_over_the_limit_before_reading_it(tmp_path):
         with pytest.raises(ImageError, match="^file too large"):
             read_and_decode(path)
     assert len(read_file(path)) == 5 * 2**20  # the default limit is restored after the block
+
+
+def test_a_fifo_put_where_a_picture_was_is_refused_without_blocking(tmp_path):
+    """A picture replaced by a named pipe between the walk and the read: opening it for reading would wait for a
+    writer forever and hang the load; it is refused at once instead."""
+    path = tmp_path / "photo.jpg"
+    os.mkfifo(path)
+    started = time.monotonic()
+    with pytest.raises(ImageError, match="^cannot read: not a regular file$"):
+        read_file(path)
+    assert time.monotonic() - started < 5
