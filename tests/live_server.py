@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.helpers import high_water_mark
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -89,8 +91,7 @@ class LiveServer:
 
     def peak_rss_mb(self) -> float:
         """The most memory the server process has held so far (VmHWM)."""
-        status = Path(f"/proc/{self.proc.pid}/status").read_text()
-        return int(re.search(r"VmHWM:\s+(\d+) kB", status)[1]) / 1024
+        return high_water_mark(self.proc.pid) / 2**20
 
     def io_bytes(self) -> tuple[int, int]:
         """(bytes read, bytes written) by the server process so far, sockets and files alike (rchar, wchar)."""
