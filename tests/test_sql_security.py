@@ -20,7 +20,7 @@ from ingest.reader import CREDENTIALS_FILE, POWERFUL_ROLES, READER_ROLE, ROLE_SE
 from search.cli import cli as search_cli
 from tests.helpers import make_folder
 
-GUARDED, HIDDEN = "guarded", "hidden"  # the collection searched, and one beside it a filter must never reach
+GUARDED, HIDDEN = "sql-guarded", "sql-hidden"  # searched, and one beside it a filter must never reach (names unique across test files)
 
 
 @pytest.fixture(scope="module")
