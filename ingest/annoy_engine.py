@@ -203,12 +203,12 @@ class AnnoySearch(Engine):
         return {"trees": self.sidecar.trees, "search_k": self.search_k_for(n + 1, args), "items": self.sidecar.items,
                 "threads": scan_threads()}
 
-    @staticmethod
-    def lookup_sql(flt: Filter) -> str:
+    def lookup_sql(self, flt: Filter) -> str:
         """The file's candidates that are still rows and pass the filter, plus the delta's k nearest that pass
         it, each beside the collection row (which comes back alone when nothing matched)."""
-        indexed = flt.scoped("id, path, label, NULL::float8 AS distance", "id = ANY(%(ids)s)")
-        delta = flt.scoped("id, path, label, embedding <-> %(q)s AS distance", "embedding_seq > %(seq)s AND embedding IS NOT NULL")
+        indexed = flt.scoped("id, path, label, NULL::float8 AS distance", "id = ANY(%(ids)s)", self.coll.id)
+        delta = flt.scoped("id, path, label, embedding <-> %(q)s AS distance", "embedding_seq > %(seq)s AND embedding IS NOT NULL",
+                           self.coll.id)
         return (f"WITH hits AS ({indexed} UNION ALL ({delta} ORDER BY distance, id LIMIT %(k)s))"
                 " SELECT h.id, h.path, h.label, h.distance, c.pca_dims, c.pca_version, c.removed_rows"
                 " FROM collections c LEFT JOIN hits h ON true WHERE c.id = %(c)s")

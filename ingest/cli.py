@@ -48,6 +48,9 @@ def load_options(f):
             precision_option,
             runtime_option,
             click.option("--trees", type=click.IntRange(1), default=DEFAULT_TREES, show_default=True, help="Annoy trees."),
+            click.option("--raw-features", type=click.Choice(["half", "none"]), default="half", show_default=True,
+                         help="A new collection's raw 2048-d features: kept in half precision (4 KB a picture; refits and "
+                              "--space raw need them), or none (dropped once the PCA is fitted)."),
             click.option("--strict", is_flag=True, help="Exit non-zero if any file could not be ingested."),
             click.option("--max-file-mb", type=click.IntRange(1), default=DEFAULT_MAX_FILE_MB, show_default=True, envvar="RIS_MAX_FILE_MB",
                          metavar="MB", help="Refuse larger files unread, recorded as failures (env RIS_MAX_FILE_MB)."),
@@ -143,7 +146,7 @@ def run_load(settings, db, name: str, find_candidates, options: LoadOptions, *, 
     with file_size_limit(o.max_file_mb * 2**20):
         summary = load_collection(db, settings, name, candidates, extractor, pca_dims=o.pca_dims, batch_size=feed.batch_size,
                                   workers=feed.workers, trees=o.trees, skipped=skipped, progress=not as_json, root=root,
-                                  prune=o.prune, cluster=cluster)
+                                  prune=o.prune, cluster=cluster, raw_features=o.raw_features)
     report_load(summary, as_json)
     if o.strict and summary.failed:
         raise click.ClickException(f"{summary.failed} file(s) could not be ingested (--strict); see table ingest_failures")
@@ -319,17 +322,33 @@ def db_url(database_url):
 
 
 @db.command("upgrade")
+@click.option("--batch-size", type=click.IntRange(100), default=10_000, show_default=True, metavar="N",
+              help="Pictures copied per committed batch when a migration rewrites them.")
 @database_option
-def db_upgrade(database_url):
-    """Apply migrations up to the newest (idempotent; every command also does this on first use).
+@json_option
+def db_upgrade(batch_size, database_url, as_json):
+    """Apply migrations up to the newest (idempotent). Every command applies those that only add; one that rewrites
+    stored pictures runs only here: disk checked first, committed batches with progress, rerun after a crash to go on.
+    docs/migrations.md.
 
     Example: ingest db upgrade
     """
-    from ingest.db import HEAD_REVISION, upgrade
+    from dataclasses import asdict
 
-    _, database = open_database(database_url)
-    upgrade(database.engine)
-    click.echo(f"database at revision {HEAD_REVISION}")
+    from ingest.config import Settings
+    from ingest.db import connect
+    from ingest.upgrade import upgrade_database
+
+    database = connect(Settings.load(database_url), migrate=False)
+    report = upgrade_database(database, batch=batch_size, progress=not as_json)
+    if as_json:
+        print_json(asdict(report))
+        return
+    if report.disk:
+        click.echo(f"disk: {report.disk}", err=True)
+    moved = f", {report.copied} pictures moved into per-collection partitions" if report.copied else ""
+    rebuilt = f", {report.hnsw_rebuilt} HNSW index(es) built again" if report.hnsw_rebuilt else ""
+    click.echo(f"database at revision {report.after} (was {report.before or 'empty'}){moved}{rebuilt}")
 
 
 @db.command("stop")

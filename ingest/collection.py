@@ -19,7 +19,8 @@ from ingest import counts, hnsw, locks, store
 from ingest.annoy_index import Sidecar, build_index, index_path, read_sidecar, staleness
 from ingest.config import DEFAULT_TREES, Settings
 from ingest.db import Database
-from ingest.engines import Engine, EngineName, Hit, QueryArgs, RawSearch, engine_name, make_engine
+from ingest.engines import Engine, EngineName, Hit, QueryArgs, RawSearch, engine_name, estimated_rows, make_engine
+from ingest.hnsw_engine import EXACT_FILTER_ROWS
 from ingest.errors import CollectionError, ImageError, IndexFileError, RisError
 from ingest.filters import Filter
 from ingest.images import decode_image, read_file
@@ -77,11 +78,16 @@ class Collection:
         return cls(db, settings, row, extractor=extractor)
 
     @classmethod
-    def create(cls, db: Database, settings: Settings, name: str, extractor: Extractor, *, pca_dims: int) -> "Collection":
-        """Create the collection, or reuse it if it was built with the same weights (never mix two models' vectors).
-        The name must be valid (ingest/names.py), also to load into an existing collection."""
+    def create(cls, db: Database, settings: Settings, name: str, extractor: Extractor, *, pca_dims: int,
+               raw_features: str = "half") -> "Collection":
+        """Create the collection (keeping `raw_features`: 'half' or 'none'), or reuse it if it was built with the same
+        weights (never mix two models' vectors; an existing one keeps its own raw features choice). The name must be
+        valid (ingest/names.py), also to load into an existing collection."""
         check_name(name)
-        row = store.create_row(db, name, extractor.weights, extractor.fingerprint, pca_dims, extractor.precision, extractor.runtime)
+        if raw_features not in ("half", "none"):
+            raise RisError(f"raw features are 'half' or 'none', not {raw_features!r}")
+        row = store.create_row(db, name, extractor.weights, extractor.fingerprint, pca_dims, extractor.precision, extractor.runtime,
+                               raw_features)
         coll = cls(db, settings, row)
         coll.use_extractor(extractor, remedy="loading them would mix two models' vectors: use another --collection")
         return coll
@@ -216,11 +222,16 @@ class Collection:
         a refit dropped it. Safe to run again at any time; one process at a time."""
         with self.db.connect() as conn, locks.holding(conn, locks.COLLECTION, of=self.id):
             self.reload()
+            if refit_dims is not None and self.pca is not None and not self.row.keeps_raw:
+                raise CollectionError(f"collection {self.name!r} keeps no raw features (loaded with --raw-features none), so its"
+                                      " PCA cannot be refitted; load the pictures into a new collection to change it")
             if self.pca is None or refit_dims is not None:
                 self.fit(refit_dims or self.dims, at_most_rows=refit_dims is None)
             if self.pca is not None:  # rows stored without embeddings, or whose PCA was replaced meanwhile
                 for ids, raw in store.vector_chunks(self.db, self.id, "raw without embedding"):
                     store.write_embeddings(self.db, self.id, ids, self.pca.project(raw))
+                if not self.row.keeps_raw:
+                    store.forget_raw(self.db, self.id)
                 self.reload()
                 limit = self.settings.annoy_max_delta
                 if rebuild or self.index_problem() or self.index_delta(limit) > limit:
@@ -259,7 +270,7 @@ class Collection:
         pictures and PCA_REFIT_GROWTH times those it held at the fit (at its own dims, or as many of `dims` as there
         are pictures if it was cut), until one was fitted on a full PCA_SAMPLE. From a dozen pictures that is a refit
         at 100, 128, 512, 2048, ... pictures: a growing collection is refitted a logarithmic number of times."""
-        if self.pca is None:
+        if self.pca is None or not self.row.keeps_raw:  # without raw features there is nothing to refit from
             return None
         stored, at_fit = counts.pca_growth(self.db, self.id)
         cut = self.pca.dims < dims and self.pca.dims >= at_fit
@@ -369,7 +380,11 @@ class Collection:
         The one place a query's engine is chosen: a rule such as "a selective filter goes exact" belongs here."""
         if space == "raw":
             return self.raw_engine(engine)
-        return self.engine(engine)
+        chosen = self.engine(engine)
+        if chosen.name == EngineName.HNSW and flt.narrows and \
+                estimated_rows(self.db, self.id, flt, timeout=self.settings.statement_timeout) <= EXACT_FILTER_ROWS:
+            return self.engine(EngineName.PGVECTOR)  # a selective filter: exact is faster than HNSW's iterative scan, and complete
+        return chosen
 
     def similar(self, query: Query | np.ndarray, k: int = 10, *, engine: str = EngineName.PGVECTOR, label: str | None = None,
                 where: str | None = None, exclude: int | Iterable[int] | None = None, search_k: int = -1, ef_search: int | None = None,

@@ -22,7 +22,7 @@ from ingest.errors import DatabaseError, first_line
 
 # The newest migration in migrations/versions; tests check it matches Alembic's head.
 # Knowing it here lets a command skip importing Alembic when the schema is already current.
-HEAD_REVISION = "0006"
+HEAD_REVISION = "0007"
 
 
 @dataclass
@@ -121,12 +121,25 @@ def connect(settings: Settings, migrate: bool = True) -> Database:
     else:
         db = open_engine(Database(sa.create_engine(embedded_url(settings.pgdata)), "embedded", settings))
     if migrate and current_revision(db.engine) != HEAD_REVISION:
+        refuse_rewrites(db.engine)
         upgrade(db.engine)
         db.dispose()  # connections opened before the extension existed do not know the vector type
         from ingest.reader import prepare
 
         prepare(db)  # the login users' SQL runs as, made now so a read replica has it too (ingest.reader)
     return db
+
+
+def refuse_rewrites(sqla: Engine) -> None:
+    """Migrations that only add run on any command's first use; one that rewrites stored pictures runs only through
+    `ingest db upgrade` (batches, progress, a disk check: ingest/upgrade.py), so every other command refuses until then."""
+    from migrations.partitioned_layout import rows_to_convert
+
+    with sqla.connect() as conn:
+        pending = rows_to_convert(conn)
+    if pending:
+        raise DatabaseError(f"the database at {describe(sqla)} holds {pending} pictures in the layout before revision 0007: "
+                            "run `ingest db upgrade` (it moves them into a partition per collection; docs/migrations.md)")
 
 
 def connect_for_queries(settings: Settings) -> Database:
@@ -188,16 +201,17 @@ def open_engine(db: Database) -> Database:
 
 
 def register_vector_type(dbapi_connection, _record) -> None:
-    """Teach a new psycopg connection the `vector` type (one catalogue query), so values are numpy arrays.
-
-    Before the first migration the type does not exist yet; such a connection is dropped after migrating.
-    """
+    """Teach a new psycopg connection the `vector` and `halfvec` types (one catalogue query each), so values are numpy
+    arrays (float16 for halfvec). Before the first migration the types do not exist yet; such a connection is dropped
+    after migrating."""
+    from pgvector.psycopg.halfvec import register_halfvec_info
     from pgvector.psycopg.vector import register_vector_info
     from psycopg.types import TypeInfo
 
     info = TypeInfo.fetch(dbapi_connection, "vector")
     if info is not None:
         register_vector_info(dbapi_connection, info)
+        register_halfvec_info(dbapi_connection, TypeInfo.fetch(dbapi_connection, "halfvec"))
     dbapi_connection.rollback()  # the look-up opened a transaction; hand the connection back idle
 
 

@@ -22,6 +22,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, ClassVar, Iterator
 
 import numpy as np
+from pgvector import HalfVector
 
 from ingest import store
 from ingest.db import Database
@@ -116,9 +117,18 @@ def filtered_cursor(db: Database, flt: Filter, *, timeout: str | None, exact: bo
     filter has a user's --where; on the pool's own connection otherwise."""
     with (reading(db, timeout) if flt.where is not None else db.begin()) as conn:
         cur = raw_cursor(conn)
-        if exact:  # an HNSW or IVFFlat index on images would answer approximately
-            cur.execute("SELECT set_config('enable_indexscan', 'off', true), set_config('enable_bitmapscan', 'off', true)")
+        if exact:  # an HNSW or IVFFlat index answers approximately, and only through an ordered index scan; a bitmap
+            # scan (a filter's rows found through the label's b-tree) stays allowed
+            cur.execute("SELECT set_config('enable_indexscan', 'off', true)")
         yield cur
+
+
+def estimated_rows(db: Database, collection_id: int, flt: Filter, *, timeout: str | None) -> float:
+    """How many of the collection's searchable rows the planner expects the filter to keep (one EXPLAIN, no rows read;
+    a --where is estimated on the reader's login, as it would run)."""
+    with filtered_cursor(db, flt, timeout=timeout) as cur:
+        cur.execute("EXPLAIN (FORMAT JSON) " + flt.scoped("1", "embedding IS NOT NULL", collection_id), flt.params(collection_id))
+        return float(cur.fetchone()[0][0]["Plan"]["Plan Rows"])
 
 
 class Engine(ABC):
@@ -185,7 +195,7 @@ class ExactSearch(Engine):
         return None
 
     def search(self, vector: np.ndarray, k: int, flt: Filter = Filter(), args: QueryArgs = QueryArgs()) -> list[Hit]:
-        sql = flt.scoped("id, path, label, embedding <-> %(q)s AS distance", "embedding IS NOT NULL") + " ORDER BY distance, id LIMIT %(k)s"
+        sql = flt.scoped("id, path, label, embedding <-> %(q)s AS distance", "embedding IS NOT NULL", self.coll.id) + " ORDER BY distance, id LIMIT %(k)s"
         params = flt.params(self.coll.id) | {"q": np.asarray(vector, dtype=np.float32), "k": k}
         rows = run_filtered(self.db, sql, params, flt, timeout=self.timeout, exact=True)
         return ranked(rows)
@@ -194,20 +204,26 @@ class ExactSearch(Engine):
 class RawSearch(Engine):
     """Exact k nearest neighbours over the stored 2048-d features, normalised as at ingest (`--space raw`):
     the reference project's first method, no PCA. The filter picks the collection's rows first; only then
-    are their features joined, so a --where still sees images' columns only. Every row is scanned (8 KB each)."""
+    are their features joined, so a --where still sees images' columns only. Every row of the collection's partition
+    is scanned (4 KB each, half precision; the query is rounded to half precision too, distances sum in float32)."""
 
     exact = True
     vectors = "raw"
 
     def problem(self) -> str | None:
+        if not self.coll.keeps_raw:
+            return (f"collection {self.coll.name!r} keeps no raw features (loaded with --raw-features none): search it with"
+                    " --space pca")
         return None
 
     def search(self, vector: np.ndarray, k: int, flt: Filter = Filter(), args: QueryArgs = QueryArgs()) -> list[Hit]:
         """`vector` is a raw feature vector, normalised here by the function ingest uses (`ingest.reduce.normalize`)."""
-        q = normalize(np.asarray(vector, dtype=np.float32).reshape(1, -1))[0]
-        rows_sql = flt.scoped("id, path, label", "true")
+        if problem := self.problem():
+            raise RisError(problem)
+        q = HalfVector(normalize(np.asarray(vector, dtype=np.float32).reshape(1, -1))[0].astype(np.float16))
+        rows_sql = flt.scoped("id, path, label, sha256", "true", self.coll.id)
         sql = (f"SELECT r.id, r.path, r.label, l2_normalize(f.raw) <-> %(q)s AS distance FROM ({rows_sql}) AS r"
-               " JOIN features f ON f.image_id = r.id ORDER BY distance, r.id LIMIT %(k)s")
+               f" JOIN features f ON f.collection_id = {int(self.coll.id)} AND f.sha256 = r.sha256 ORDER BY distance, r.id LIMIT %(k)s")
         rows = run_filtered(self.db, sql, flt.params(self.coll.id) | {"q": q, "k": k}, flt, timeout=self.timeout, exact=True)
         return ranked(rows)
 

@@ -63,9 +63,10 @@ class Filter:
         """True if the filter may leave fewer rows than the collection has (not counting the excluded query)."""
         return self.label is not None or self.where is not None
 
-    def scoped(self, columns: str, scope: str) -> str:
+    def scoped(self, columns: str, scope: str, collection_id: int) -> str:
         """SELECT `columns` FROM the collection's rows (`scope`: conditions on images with bound parameters)
-        WHERE this filter holds. Parameters: %(c)s the collection id, %(label)s, %(exclude)s, and scope's own.
+        WHERE this filter holds. Parameters: %(label)s, %(exclude)s, and scope's own. The collection id is a literal
+        (an int), so the plan holds its partition alone even when psycopg prepares the statement (ingest/partitions.py).
 
         The checked condition is psycopg-escaped (% doubled) so it can add no parameters of its own.
         """
@@ -77,7 +78,7 @@ class Filter:
         if self.where is not None:
             conditions.append("(" + self.where.replace("%", "%%") + ")")
         where = " AND ".join(conditions) or "true"
-        return f"SELECT {columns} FROM (SELECT * FROM images WHERE collection_id = %(c)s AND {scope}) AS images WHERE {where}"
+        return f"SELECT {columns} FROM (SELECT * FROM images WHERE collection_id = {int(collection_id)} AND {scope}) AS images WHERE {where}"
 
     def params(self, collection_id: int) -> dict:
         return {"c": collection_id, "label": self.label, "exclude": list(self.exclude)}

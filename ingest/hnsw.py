@@ -1,9 +1,9 @@
 """pgvector HNSW, per collection: an approximate index inside PostgreSQL, kept up to date by every insert.
 
-`images.embedding` has no fixed dimension (each collection has its own PCA dims), so the index is a partial
-expression index, as pgvector's FAQ does it: `USING hnsw ((embedding::vector(N))) WHERE collection_id = X`.
-A query uses it only if it orders by the same expression and its plan knows X (a partial index is matched
-when planning, so the engine asks for custom plans: a generic plan of a prepared statement could not use it).
+`images.embedding` has no fixed dimension (each collection has its own PCA dims), so the index is an expression
+index on the collection's own partition (ingest/partitions.py), as pgvector advises for many tenants:
+`CREATE INDEX ON images_pX USING hnsw ((embedding::vector(N)))`. A query uses it if it orders by the same expression
+and its plan holds that partition alone (the collection id is a literal in every search, ingest/filters.py).
 Its name carries the dims, so a refit to other dims can never leave an index that rejects new rows.
 """
 from __future__ import annotations
@@ -14,6 +14,7 @@ import sqlalchemy as sa
 from tqdm import tqdm
 
 from ingest.db import Database
+from ingest.partitions import partition
 
 HNSW_M = 16  # pgvector's defaults: links per node and candidate list while building
 EF_CONSTRUCTION = 64
@@ -21,7 +22,7 @@ BUILD_MEMORY = "1GB"  # maintenance_work_mem for a build: ~0.8 KB a row at 128-d
 
 
 def index_name(collection_id: int, dims: int) -> str:
-    return f"images_hnsw_{int(collection_id)}_{int(dims)}"
+    return f"{partition('images', collection_id)}_hnsw_{int(dims)}"
 
 
 def indexes(conn: sa.Connection, collection_id: int) -> dict[str, bool]:
@@ -29,7 +30,7 @@ def indexes(conn: sa.Connection, collection_id: int) -> dict[str, bool]:
     rows = conn.execute(
         sa.text("SELECT c.relname, i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid"
                 " WHERE c.relname LIKE :p"),
-        {"p": f"images\\_hnsw\\_{int(collection_id)}\\_%"},
+        {"p": f"{partition('images', collection_id)}_hnsw_%".replace("_", "\\_")},
     )
     return {r.relname: r.indisvalid for r in rows}
 
@@ -77,8 +78,8 @@ def build(db: Database, collection_id: int, dims: int, *, progress: bool = True)
         watcher = ProgressLine(db, pid, name, enabled=progress)
         try:
             conn.execute(sa.text(
-                f'CREATE INDEX CONCURRENTLY "{name}" ON images USING hnsw ((embedding::vector({int(dims)})) vector_l2_ops)'
-                f" WITH (m = {HNSW_M}, ef_construction = {EF_CONSTRUCTION}) WHERE collection_id = {int(collection_id)}"
+                f'CREATE INDEX CONCURRENTLY "{name}" ON {partition("images", collection_id)}'
+                f" USING hnsw ((embedding::vector({int(dims)})) vector_l2_ops) WITH (m = {HNSW_M}, ef_construction = {EF_CONSTRUCTION})"
             ))
         finally:
             watcher.stop()

@@ -7,6 +7,9 @@ from ingest.engines import Engine, EngineName, Hit, QueryArgs, filtered_cursor, 
 from ingest.errors import IndexFileError
 from ingest.filters import Filter
 
+# A filter the planner expects to keep at most this many rows is answered exactly instead (Collection.searcher_for): the
+# exact scan reads those rows through the label's b-tree, while HNSW's iterative scan walks ~ef_search/selectivity nodes.
+EXACT_FILTER_ROWS = 25_000
 DEFAULT_EF_SEARCH = 800  # HNSW candidate list per query: at 1M rows recall@10 0.971, 7.3 ms p50; 200 gave 0.89-0.95 (bench/scale.py)
 
 
@@ -33,7 +36,7 @@ class HnswSearch(Engine):
     def sql(self, flt: Filter) -> str:
         """Ordered by the indexed expression, within the index's collection: the only shape the planner matches."""
         distance = f"embedding::vector({int(self.coll.pca_dims)}) <-> %(q)s"
-        return flt.scoped(f"id, path, label, {distance} AS distance", "embedding IS NOT NULL") + f" ORDER BY {distance} LIMIT %(k)s"
+        return flt.scoped(f"id, path, label, {distance} AS distance", "embedding IS NOT NULL", self.coll.id) + f" ORDER BY {distance} LIMIT %(k)s"
 
     def run(self, vector: np.ndarray, k: int, flt: Filter, args: QueryArgs, *, explain: bool = False) -> list[tuple]:
         problem = self.problem()

@@ -39,10 +39,10 @@ def stored_paths(db: Database, collection_id: int, *, under: str | None = None, 
     elif paths is not None:
         where, params = "p.path = ANY(:v)", {"v": list(paths)}
     else:
-        where, params = "p.image_id = ANY(:v)", {"v": list(image_ids or [])}
+        where, params = "p.image_id = ANY(:v)", {"v": list(image_ids or [])}  # (collection_id, image_id) is indexed
     with db.connect() as conn:
-        rows = conn.execute(sa.text(f"SELECT p.path, p.image_id, i.sha256 FROM image_paths p JOIN images i ON i.id = p.image_id"
-                                    f" WHERE p.collection_id = :c AND {where}"), {"c": collection_id} | params)
+        rows = conn.execute(sa.text(f"SELECT p.path, p.image_id, i.sha256 FROM image_paths p JOIN images i ON i.collection_id = p.collection_id"
+                                    f" AND i.sha256 = p.sha256 WHERE p.collection_id = :c AND {where}"), {"c": collection_id} | params)
         return {r.path: (r.image_id, r.sha256) for r in rows}
 
 
@@ -64,8 +64,8 @@ def failure_paths(db: Database, collection_id: int, under: str, *, outside: bool
 
 def orphans(conn, collection_id: int) -> list[int]:
     """Images no file holds any more (the only file with their content now holds something else)."""
-    return list(conn.execute(sa.text("SELECT id FROM images i WHERE collection_id = :c AND NOT EXISTS"
-                                     " (SELECT 1 FROM image_paths p WHERE p.image_id = i.id)"), {"c": collection_id}).scalars())
+    return list(conn.execute(sa.text("SELECT id FROM images i WHERE collection_id = :c AND NOT EXISTS (SELECT 1 FROM image_paths p"
+                                     " WHERE p.collection_id = i.collection_id AND p.sha256 = i.sha256)"), {"c": collection_id}).scalars())
 
 
 def count_orphans(db: Database, collection_id: int) -> int:
@@ -83,9 +83,9 @@ def apply(db: Database, collection_id: int, changes: Changes) -> int:
             conn.execute(sa.text("DELETE FROM image_paths WHERE collection_id = :c AND path = ANY(:p)"),
                          {"c": collection_id, "p": changes.forget})
         if changes.upsert:
-            conn.execute(sa.text("INSERT INTO image_paths (image_id, collection_id, path) SELECT i.id, :c, :p FROM images i"
-                                 " WHERE i.id = :i AND i.collection_id = :c"
-                                 " ON CONFLICT (collection_id, path) DO UPDATE SET image_id = EXCLUDED.image_id"),
+            conn.execute(sa.text("INSERT INTO image_paths (collection_id, sha256, image_id, path) SELECT :c, i.sha256, i.id, :p"
+                                 " FROM images i WHERE i.id = :i AND i.collection_id = :c ON CONFLICT (collection_id, path)"
+                                 " DO UPDATE SET image_id = EXCLUDED.image_id, sha256 = EXCLUDED.sha256"),
                          [{"c": collection_id, "p": p, "i": i} for p, i in changes.upsert.items()])
         if changes.shown:
             conn.execute(sa.text("UPDATE images SET path = :p, label = :l WHERE id = :i AND collection_id = :c"),
@@ -99,8 +99,8 @@ def apply(db: Database, collection_id: int, changes: Changes) -> int:
 def paths_of(db: Database, collection_id: int, image_ids: list[int]) -> dict[int, list[str]]:
     """image id -> every path holding it (the shown one first), for some images of one collection."""
     with db.connect() as conn:
-        rows = conn.execute(sa.text("SELECT p.image_id, p.path FROM image_paths p JOIN images i ON i.id = p.image_id"
-                                    " WHERE p.collection_id = :c AND p.image_id = ANY(:ids) ORDER BY p.image_id, p.path <> i.path, p.path"),
+        rows = conn.execute(sa.text("SELECT p.image_id, p.path FROM image_paths p JOIN images i ON i.collection_id = p.collection_id"
+                                    " AND i.sha256 = p.sha256 WHERE p.collection_id = :c AND p.image_id = ANY(:ids) ORDER BY p.image_id, p.path <> i.path, p.path"),
                             {"c": collection_id, "ids": list(image_ids)})
         found: dict[int, list[str]] = {}
         for r in rows:

@@ -56,13 +56,13 @@ def batched(items: Iterable, size: int) -> Iterator[list]:
 
 def load_collection(
     db: Database, settings: Settings, name: str, candidates: list[Candidate], extractor: Extractor, *,
-    pca_dims: int | None = None, **options,
+    pca_dims: int | None = None, raw_features: str = "half", **options,
 ) -> LoadSummary:
-    """Store every new picture of `candidates` in collection `name` (created if new), then bring its PCA and
-    Annoy file up to date. `options` are those of add_pictures."""
+    """Store every new picture of `candidates` in collection `name` (created if new, keeping `raw_features`), then bring
+    its PCA and Annoy file up to date. `options` are those of add_pictures."""
     if pca_dims is not None:
         check_dims(pca_dims)
-    coll = Collection.create(db, settings, name, extractor, pca_dims=pca_dims or DEFAULT_PCA_DIMS)
+    coll = Collection.create(db, settings, name, extractor, pca_dims=pca_dims or DEFAULT_PCA_DIMS, raw_features=raw_features)
     return add_pictures(coll, candidates, pca_dims=pca_dims, **options)
 
 

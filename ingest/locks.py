@@ -13,6 +13,7 @@ from sqlalchemy.engine import Connection
 MIGRATION = 7_474_201  # one process migrates the schema at a time
 COLLECTION = 7_474_202  # the end-of-load work of one collection (PCA fit, projection, index build)
 FINETUNE_SPLIT = 7_474_203  # recording one fine-tuning run's train/hold-out split
+REWRITE = 7_474_204  # `ingest db upgrade` copying stored pictures into a new layout (ingest/upgrade.py)
 
 
 def lock_in_transaction(conn: Connection, key: int, *, of: int | str = 0) -> None:

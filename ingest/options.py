@@ -43,6 +43,7 @@ class LoadOptions:
     prune: bool = False
     ray_address: str | None = None
     ray_actors: int | None = None
+    raw_features: str = "half"  # a new collection's: 'half' keeps them, 'none' drops them once the PCA is fitted
 
 
 def new_collection_name(ctx, param, value: str | None) -> str | None:

@@ -58,7 +58,8 @@ def ensure_split(db: Database, coll: Collection, run: str, images: list[Labelled
             return {r.image_id: r.split for r in rows}
         split = stratified_split(coll, images, holdout, seed)
         conn.execute(
-            sa.text("INSERT INTO finetune_splits (run, image_id, collection_id, split) VALUES (:r, :i, :c, :s)"),
+            sa.text("INSERT INTO finetune_splits (collection_id, run, sha256, image_id, split) SELECT :c, :r, sha256, id, :s"
+                    " FROM images WHERE collection_id = :c AND id = :i"),
             [{"r": run, "i": i, "c": coll.id, "s": s} for i, s in split.items()],
         )
     return split
@@ -94,8 +95,8 @@ def holdout_hashes(db: Database, base: Collection, run: str) -> set[str]:
     """sha256 of the pictures of `base` that fine-tuning run `run` held out (never trained on)."""
     with db.connect() as conn:
         return set(conn.execute(sa.text(
-            "SELECT i.sha256 FROM finetune_splits s JOIN images i ON i.id = s.image_id "
-            "WHERE s.run = :run AND s.collection_id = :c AND s.split = 'holdout'"), {"run": run, "c": base.id}).scalars())
+            "SELECT sha256 FROM finetune_splits WHERE run = :run AND collection_id = :c AND split = 'holdout'"),
+            {"run": run, "c": base.id}).scalars())
 
 
 def finetune_runs(db: Database, coll: Collection) -> list[str]:
@@ -111,6 +112,5 @@ def finetune_runs(db: Database, coll: Collection) -> list[str]:
 def split_by_hash(db: Database, run: str) -> dict[str, str]:
     """sha256 -> 'train'|'holdout' of every picture of fine-tuning run `run`."""
     with db.connect() as conn:
-        rows = conn.execute(sa.text("SELECT i.sha256, s.split FROM finetune_splits s JOIN images i ON i.id = s.image_id"
-                                    " WHERE s.run = :run"), {"run": run})
+        rows = conn.execute(sa.text("SELECT sha256, split FROM finetune_splits WHERE run = :run"), {"run": run})
         return {r.sha256: r.split for r in rows}

@@ -12,9 +12,12 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
+from pgvector import HalfVector
 from sqlalchemy.engine import Connection
 
+from ingest import partitions
 from ingest.db import Database
+from ingest.errors import CollectionError
 from ingest.features import MODEL_NAME, RAW_DIMS
 from ingest.reduce import Pca
 
@@ -38,6 +41,11 @@ class CollectionRow:
     hnsw: bool = False  # a pgvector HNSW index is kept for it
     precision: str = "fp32"  # how the CNN ran: 'fp32' or 'bf16'
     runtime: str = "tensorflow"  # what ran it: 'openvino' or 'tensorflow'
+    raw_features: str = "half"  # 'half': raw features kept (half precision); 'none': dropped once the PCA is fitted
+
+    @property
+    def keeps_raw(self) -> bool:
+        return self.raw_features != "none"
 
 
 @dataclass(frozen=True)
@@ -72,15 +80,17 @@ class ImageDetails:
 
 
 COLLECTION_COLUMNS = ("id, name, model, weights, weights_fingerprint, pca_dims, pca_version, pca_mean, pca_components, "
-                      "pca_explained_variance, embedding_seq, removed_rows, hnsw, precision, runtime")
+                      "pca_explained_variance, embedding_seq, removed_rows, hnsw, precision, runtime, raw_features")
+
+JOIN_FEATURES = "JOIN features f ON f.collection_id = i.collection_id AND f.sha256 = i.sha256"  # a picture's own row
+HALF_MAX = 65504.0  # the largest finite half-precision value: raw features beyond it cannot be stored
 
 # What `vector_chunks` can read: kind -> (the vector column, the rows that have one); every query is restricted to
 # one collection by a bound id.
 VECTOR_ROWS = {
     "embedding": ("i.embedding", "FROM images i WHERE i.collection_id = %s AND i.embedding IS NOT NULL"),
-    "raw": ("f.raw", "FROM images i JOIN features f ON f.image_id = i.id WHERE i.collection_id = %s"),
-    "raw without embedding": ("f.raw", "FROM images i JOIN features f ON f.image_id = i.id"
-                                       " WHERE i.collection_id = %s AND i.embedding IS NULL"),
+    "raw": ("f.raw", f"FROM images i {JOIN_FEATURES} WHERE i.collection_id = %s"),
+    "raw without embedding": ("f.raw", f"FROM images i {JOIN_FEATURES} WHERE i.collection_id = %s AND i.embedding IS NULL"),
 }
 
 
@@ -104,7 +114,7 @@ def as_array(value) -> np.ndarray:
 def to_row(row) -> CollectionRow:
     pca = Pca.from_bytes(row.pca_mean, row.pca_components, row.pca_explained_variance) if row.pca_mean else None
     return CollectionRow(row.id, row.name, row.model, row.weights, row.weights_fingerprint, row.pca_dims, row.pca_version, pca,
-                         row.embedding_seq, row.removed_rows, row.hnsw, row.precision, row.runtime)
+                         row.embedding_seq, row.removed_rows, row.hnsw, row.precision, row.runtime, row.raw_features)
 
 
 def find_row(conn: Connection, name: str) -> CollectionRow | None:
@@ -125,19 +135,24 @@ def search_state(db: Database, collection_id: int) -> tuple[int, int, bool] | No
 
 
 def delete_row(conn: Connection, collection_id: int) -> None:
-    """Delete a collection's row; its images, features, paths, failures and splits go by ON DELETE CASCADE."""
+    """Delete a collection: its partitions are dropped (images, features, paths and splits, with their indexes),
+    its row deleted (failures go by ON DELETE CASCADE)."""
+    partitions.drop(conn, collection_id)
     conn.exec_driver_sql("DELETE FROM collections WHERE id = %s", (collection_id,))
 
 
 def create_row(db: Database, name: str, weights: str, fingerprint: str, pca_dims: int, precision: str = "fp32",
-               runtime: str = "openvino") -> CollectionRow:
-    """Insert the collection if it is new; either way return the row as stored (its weights and precision may differ)."""
+               runtime: str = "openvino", raw_features: str = "half") -> CollectionRow:
+    """Insert the collection with its partitions if it is new; either way return the row as stored (its weights,
+    precision and raw features may differ)."""
     with db.begin() as conn:
-        conn.exec_driver_sql(
-            "INSERT INTO collections (name, model, weights, weights_fingerprint, pca_dims, precision, runtime) "
-            "VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (name) DO NOTHING",
-            (name, MODEL_NAME, weights, fingerprint, pca_dims, precision, runtime),
-        )
+        made = conn.exec_driver_sql(
+            "INSERT INTO collections (name, model, weights, weights_fingerprint, pca_dims, precision, runtime, raw_features) "
+            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (name) DO NOTHING RETURNING id",
+            (name, MODEL_NAME, weights, fingerprint, pca_dims, precision, runtime, raw_features),
+        ).scalar()
+        if made is not None:
+            partitions.create(conn, made)
         return find_row(conn, name)
 
 
@@ -163,6 +178,8 @@ def insert_images(
     db: Database, collection_id: int, rows: list[ImageRow], raw: np.ndarray, embeddings: np.ndarray | None, *, pca_version: int
 ) -> int:
     """Store one batch (images, raw features, embeddings if PCA is known) in one transaction; returns rows added.
+    Raw features are stored in half precision unless the collection keeps none and the batch has embeddings (a batch
+    without them needs its raw features until `Collection.finish` projects them).
 
     `embeddings` were projected with PCA `pca_version`. Writing embeddings bumps the collection's embedding_seq
     and stamps the rows with it, holding the collection row until commit: writers of one collection commit in
@@ -172,46 +189,67 @@ def insert_images(
     """
     if not rows:
         return 0
+    check_half_range(raw)
     with db.begin() as conn:
         cur = raw_cursor(conn)
-        seq = 0
+        seq, keep_raw = 0, True
         if embeddings is not None:
-            seq, version = bump_embedding_seq(cur, collection_id)
+            seq, version, keep = bump_embedding_seq(cur, collection_id)
             if version != pca_version:
                 embeddings, seq = None, 0
+            keep_raw = keep or embeddings is None
         cur.execute(
             "CREATE TEMP TABLE staging (path text, label text, sha256 text, width int, height int, bytes bigint, "
-            f"raw vector({RAW_DIMS}), embedding vector) ON COMMIT DROP"
+            f"raw halfvec({RAW_DIMS}), embedding vector) ON COMMIT DROP"
         )
         with cur.copy("COPY staging FROM STDIN WITH (FORMAT BINARY)") as copy:
-            copy.set_types(["text", "text", "text", "int4", "int4", "int8", "vector", "vector"])
+            copy.set_types(["text", "text", "text", "int4", "int4", "int8", "halfvec", "vector"])
             for i, r in enumerate(rows):
                 emb = None if embeddings is None else embeddings[i]
-                copy.write_row((r.path, r.label, r.sha256, r.width, r.height, r.bytes, raw[i], emb))
+                half = HalfVector(raw[i].astype(np.float16)) if keep_raw else None
+                copy.write_row((r.path, r.label, r.sha256, r.width, r.height, r.bytes, half, emb))
         cur.execute(
             "WITH added AS ("
             " INSERT INTO images (collection_id, path, label, sha256, width, height, bytes, embedding, embedding_seq)"
             " SELECT DISTINCT ON (sha256) %(c)s, path, label, sha256, width, height, bytes, embedding, %(s)s FROM staging"
             " ORDER BY sha256, path"
             " ON CONFLICT (collection_id, sha256) DO NOTHING RETURNING id, sha256, path),"
-            " paths AS (INSERT INTO image_paths (image_id, collection_id, path) SELECT id, %(c)s, path FROM added"
-            " ON CONFLICT (collection_id, path) DO UPDATE SET image_id = EXCLUDED.image_id)"
-            " INSERT INTO features (image_id, raw)"
-            " SELECT DISTINCT ON (a.id) a.id, s.raw FROM added a JOIN staging s USING (sha256)",
+            " paths AS (INSERT INTO image_paths (collection_id, sha256, image_id, path) SELECT %(c)s, sha256, id, path FROM added"
+            " ON CONFLICT (collection_id, path) DO UPDATE SET image_id = EXCLUDED.image_id, sha256 = EXCLUDED.sha256),"
+            " raw AS (INSERT INTO features (collection_id, sha256, raw)"
+            " SELECT DISTINCT ON (a.sha256) %(c)s, a.sha256, s.raw FROM added a JOIN staging s USING (sha256) WHERE s.raw IS NOT NULL)"
+            " SELECT count(*) FROM added",
             {"c": collection_id, "s": seq},
         )
-        added = cur.rowcount
+        added = cur.fetchone()[0]
         cur.execute(
             "DELETE FROM ingest_failures f USING staging s WHERE f.collection_id = %s AND f.path = s.path", (collection_id,)
         )
     return added
 
 
-def bump_embedding_seq(cur, collection_id: int) -> tuple[int, int]:
-    """Take the next embedding_seq of a collection, holding its row until commit; returns (seq, pca_version)."""
-    cur.execute("UPDATE collections SET embedding_seq = embedding_seq + 1 WHERE id = %s RETURNING embedding_seq, pca_version",
-                (collection_id,))
+def bump_embedding_seq(cur, collection_id: int) -> tuple[int, int, bool]:
+    """Take the next embedding_seq of a collection, holding its row until commit; returns (seq, pca_version, keeps raw)."""
+    cur.execute("UPDATE collections SET embedding_seq = embedding_seq + 1 WHERE id = %s"
+                " RETURNING embedding_seq, pca_version, raw_features <> 'none'", (collection_id,))
     return cur.fetchone()
+
+
+def check_half_range(raw: np.ndarray) -> None:
+    """Refuse, before anything is written, raw features that half precision cannot hold (weights whose outputs
+    exceed ±65504, or are not finite): one line, not a failed batch."""
+    worst = float(np.max(np.abs(raw))) if raw.size else 0.0
+    if not worst <= HALF_MAX:
+        raise CollectionError(f"these weights give raw features up to {worst:g}, beyond half precision's ±{HALF_MAX:g} that "
+                              "features are stored in: use --raw-features none (no refit, no raw space) or other weights")
+
+
+def forget_raw(db: Database, collection_id: int) -> int:
+    """Delete the raw features of a collection that keeps none, once its rows have embeddings; returns rows deleted."""
+    with db.begin() as conn:
+        return conn.exec_driver_sql(
+            "DELETE FROM features f USING images i WHERE f.collection_id = %(c)s AND i.collection_id = %(c)s"
+            " AND i.sha256 = f.sha256 AND i.embedding IS NOT NULL", {"c": collection_id}).rowcount
 
 
 def record_failures(db: Database, collection_id: int, failures: list[tuple[str, str]]) -> None:
@@ -315,7 +353,8 @@ def save_pca(db: Database, collection_id: int, pca: Pca, chunk: int = CHUNK_ROWS
             ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
             copy_rows(cur, ids, pca.project(np.stack([as_array(r[1]) for r in rows])))
             last = int(ids[-1])
-        cur.execute("UPDATE images SET embedding = n.embedding, embedding_seq = %s FROM new_embeddings n WHERE images.id = n.id", (seq,))
+        cur.execute("UPDATE images SET embedding = n.embedding, embedding_seq = %s FROM new_embeddings n"
+                    " WHERE images.collection_id = %s AND images.id = n.id", (seq, collection_id))
         cur.execute("UPDATE images SET embedding = NULL WHERE collection_id = %s AND embedding IS NOT NULL AND embedding_seq <> %s",
                     (collection_id, seq))
         return version
@@ -325,7 +364,7 @@ def write_embeddings(db: Database, collection_id: int, ids: np.ndarray, embeddin
     """Set images.embedding for many rows of a collection at once, stamped with a new embedding_seq."""
     with db.begin() as conn:
         cur = raw_cursor(conn)
-        seq, _ = bump_embedding_seq(cur, collection_id)
+        seq, _, _ = bump_embedding_seq(cur, collection_id)
         cur.execute("CREATE TEMP TABLE new_embeddings (id bigint, embedding vector) ON COMMIT DROP")
         copy_rows(cur, ids, embeddings)
         cur.execute("UPDATE images SET embedding = n.embedding, embedding_seq = %s FROM new_embeddings n "

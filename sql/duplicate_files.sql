@@ -18,7 +18,7 @@ SELECT i.id,
 FROM params p
 JOIN collections c ON c.name = p.collection
 JOIN images i ON i.collection_id = c.id
-JOIN image_paths f ON f.image_id = i.id
-GROUP BY i.id
+JOIN image_paths f ON f.collection_id = i.collection_id AND f.sha256 = i.sha256
+GROUP BY i.collection_id, i.sha256
 HAVING count(*) > 1
 ORDER BY files DESC, i.id

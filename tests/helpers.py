@@ -269,11 +269,11 @@ def check_consistent(engine, name: str, valid: set[str]) -> int:
     with engine.connect() as conn:
         hashes = conn.execute(sa.text("SELECT sha256 FROM images WHERE collection_id = :c"), {"c": cid}).scalars().all()
         without_features = conn.execute(
-            sa.text("SELECT count(*) FROM images i LEFT JOIN features f ON f.image_id = i.id WHERE i.collection_id = :c AND f.image_id IS NULL"),
+            sa.text("SELECT count(*) FROM images i LEFT JOIN features f ON f.collection_id = i.collection_id AND f.sha256 = i.sha256 WHERE i.collection_id = :c AND f.sha256 IS NULL"),
             {"c": cid},
         ).scalar()
         orphan_features = conn.execute(
-            sa.text("SELECT count(*) FROM features f LEFT JOIN images i ON i.id = f.image_id WHERE i.id IS NULL")
+            sa.text("SELECT count(*) FROM features f LEFT JOIN images i ON f.collection_id = i.collection_id AND f.sha256 = i.sha256 WHERE i.id IS NULL")
         ).scalar()
     assert len(hashes) == len(set(hashes)), "a picture is stored twice"
     assert set(hashes) <= valid, "something other than the folder's valid pictures is stored"

@@ -179,7 +179,7 @@ def stored(db, load: Load) -> dict[str, dict]:
     with db.engine.connect() as conn:
         cur = raw_cursor(conn)
         cur.execute(
-            "SELECT i.id, i.path, i.label, i.width, i.height, f.raw FROM images i JOIN features f ON f.image_id = i.id "
+            "SELECT i.id, i.path, i.label, i.width, i.height, f.raw FROM images i JOIN features f ON f.collection_id = i.collection_id AND f.sha256 = i.sha256 "
             "WHERE i.collection_id = %s",
             (collection_id(db.engine, load.name),),
         )

@@ -60,7 +60,7 @@ def test_saved_weights_load_back_as_the_tuned_backbone(tuned, db, settings):
     # The features stored for the new collection are the tuned backbone's, bit for bit up to float noise.
     with db.engine.connect() as conn:
         path, raw = conn.execute(
-            sa.text("SELECT i.path, f.raw FROM images i JOIN features f ON f.image_id = i.id WHERE collection_id = :c LIMIT 1"),
+            sa.text("SELECT i.path, f.raw FROM images i JOIN features f ON f.collection_id = i.collection_id AND f.sha256 = i.sha256 WHERE i.collection_id = :c LIMIT 1"),
             {"c": coll.id},
         ).one()
     vector = extractor.embed(decode_image(read_file(path)).pixels[None])[0]
@@ -179,7 +179,7 @@ def test_report_compares_holdout_precision_of_base_and_tuned(tuned, db, settings
     assert (c["base"], c["tuned"], c["holdout_images"]) == ("ftshapes", "ftshapes-ft", 6)
     with db.engine.connect() as conn:
         holdout = set(conn.execute(sa.text(
-            "SELECT i.sha256 FROM finetune_splits s JOIN images i ON i.id = s.image_id "
+            "SELECT i.sha256 FROM finetune_splits s JOIN images i ON i.collection_id = s.collection_id AND i.sha256 = s.sha256 "
             "WHERE s.run = 'ftshapes-ft' AND s.split = 'holdout'")).scalars())
     for name, key in (("ftshapes", "base_precision"), ("ftshapes-ft", "tuned_precision")):
         coll = collection_row(db, name)

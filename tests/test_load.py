@@ -40,7 +40,7 @@ def test_load_folder_stores_images_features_embeddings_and_index(db, settings, p
     assert coll.pca is not None and coll.pca_dims == 4 and coll.weights == "random"
     assert count(db, "SELECT count(*) FROM images WHERE collection_id = :c", c=coll.id) == 12
     assert count(db, "SELECT count(DISTINCT label) FROM images WHERE collection_id = :c", c=coll.id) == 3
-    assert count(db, "SELECT count(*) FROM features f JOIN images i ON i.id = f.image_id WHERE collection_id = :c", c=coll.id) == 12
+    assert count(db, "SELECT count(*) FROM features f JOIN images i ON f.collection_id = i.collection_id AND f.sha256 = i.sha256 WHERE i.collection_id = :c", c=coll.id) == 12
     assert count(db, "SELECT count(*) FROM images WHERE collection_id = :c AND vector_dims(embedding) = 4", c=coll.id) == 12
     paths = {p for p in db.engine.connect().execute(sa.text("SELECT path FROM images WHERE collection_id = :c"), {"c": coll.id}).scalars()}
     assert paths == {str(c.path) for c in walk_folder(picture_folder)[0]}

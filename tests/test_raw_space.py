@@ -52,7 +52,7 @@ def test_raw_space_equals_numpy_brute_force(db, colls):
         hits = coll.similar(q, 9, space="raw")
         want_ids, want_d = brute_force(ids, raw, normalize(q[np.newaxis])[0], 9)
         assert [h.id for h in hits] == want_ids.tolist()
-        np.testing.assert_allclose([h.distance for h in hits], want_d, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose([h.distance for h in hits], want_d, rtol=1e-3, atol=1e-4)  # stored and searched in half precision
 
 
 def test_by_id_by_file_and_by_new_picture(db, colls, tmp_path):

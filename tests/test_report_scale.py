@@ -28,7 +28,7 @@ def no_raw(db, settings, fake_extractor, tmp_path_factory):
     load_collection(db, settings, NAME, walk_folder(folder)[0], fake_extractor, pca_dims=3, progress=False)
     coll = Collection.named(db, settings, NAME)
     with db.engine.begin() as conn:
-        conn.execute(sa.text("DELETE FROM features f USING images i WHERE f.image_id = i.id AND i.collection_id = :c"), {"c": coll.id})
+        conn.execute(sa.text("DELETE FROM features WHERE collection_id = :c"), {"c": coll.id})
     return coll
 
 

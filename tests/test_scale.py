@@ -103,13 +103,13 @@ def test_removed_rows_never_come_back_from_any_engine(db, settings):
         assert found[:3] == nearest[12:15], engine
 
 
-def test_hnsw_queries_use_the_collections_partial_index_and_stay_fresh(db, settings):
+def test_hnsw_queries_use_the_collections_partition_index_and_stay_fresh(db, settings):
     coll = synthetic(db, settings, "hnsw", 2000, dims=16)
     name = coll.build_hnsw()
-    assert name == f"images_hnsw_{coll.id}_16"
+    assert name == f"images_p{coll.id}_hnsw_16"
     engine = coll.engine("hnsw")
     _, vectors = store.vectors_of(db, coll.id, "embedding", store.image_ids(db, coll.id, "embedding")[:20])
-    for v in vectors:  # past psycopg's prepare threshold: a generic plan could not match the partial index
+    for v in vectors:  # past psycopg's prepare threshold: a generic plan must still use the partition's index
         engine.search(v, 10, Filter())
     assert f"Index Scan using {name}" in engine.explain(vectors[0], 10, Filter())
     assert f"Index Scan using {name}" in engine.explain(vectors[0], 10, Filter.of(exclude=1))
@@ -176,7 +176,7 @@ def test_hnsw_from_the_command_line(db, settings):
     refused = CliRunner().invoke(search_cli, query)
     assert refused.exit_code == 1 and "ingest index --hnsw --collection hnsw-cli" in refused.output
     built = CliRunner().invoke(ingest_cli, ["index", "-c", "hnsw-cli", "--no-annoy", "--hnsw"])
-    assert built.exit_code == 0 and f"images_hnsw_{coll.id}_8" in built.output, built.output
+    assert built.exit_code == 0 and f"images_p{coll.id}_hnsw_8" in built.output, built.output
     found = CliRunner().invoke(search_cli, query + ["--ef-search", "64"])
     assert found.exit_code == 0 and json.loads(found.stdout)[0]["id"] == first, found.output
     status = json.loads(CliRunner().invoke(ingest_cli, ["status", "--json"]).stdout)

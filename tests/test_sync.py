@@ -62,7 +62,7 @@ def state(db, settings, name):
         tables = [conn.execute(sa.text(sql), {"n": name}).all() for sql in (
             "SELECT i.id, i.path, i.label, i.sha256, i.embedding_seq, i.embedding::text FROM images i"
             " JOIN collections c ON c.id = i.collection_id WHERE c.name = :n ORDER BY i.id",
-            "SELECT p.* FROM image_paths p JOIN collections c ON c.id = p.collection_id WHERE c.name = :n ORDER BY p.id",
+            "SELECT p.* FROM image_paths p JOIN collections c ON c.id = p.collection_id WHERE c.name = :n ORDER BY p.image_id, p.path",
             "SELECT f.path, f.reason, f.at FROM ingest_failures f JOIN collections c ON c.id = f.collection_id WHERE c.name = :n",
             "SELECT pca_version, embedding_seq, removed_rows, updated_at FROM collections WHERE name = :n")]
     return tables, sidecar_path(settings.annoy_dir, name).read_text(), sorted(p.name for p in data_files(settings.annoy_dir, name))

@@ -72,7 +72,7 @@ def on_disk(folder: Path, path_filter: PathFilter = PathFilter()) -> dict[str, s
 def recorded(engine, name: str) -> dict[str, str]:
     """path -> sha256 of every file recorded for a collection."""
     with engine.connect() as conn:
-        rows = conn.execute(sa.text("SELECT p.path, i.sha256 FROM image_paths p JOIN images i ON i.id = p.image_id"
+        rows = conn.execute(sa.text("SELECT p.path, i.sha256 FROM image_paths p JOIN images i ON i.collection_id = p.collection_id AND i.sha256 = p.sha256"
                                     " JOIN collections c ON c.id = p.collection_id WHERE c.name = :n"), {"n": name})
         return dict(rows.all())
 
