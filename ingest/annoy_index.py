@@ -24,7 +24,7 @@ from ingest.atomic import replacing, write_atomically
 from ingest.config import DEFAULT_TREES
 from ingest.db import Database
 from ingest.names import file_stem
-from ingest.store import CollectionRow, find_row, vector_chunks
+from ingest.store import settled_row, CollectionRow, find_row, vector_chunks
 
 METRIC = "euclidean"
 ANNOY_SEED = 0
@@ -87,12 +87,13 @@ def build_index(db: Database, annoy_dir: Path, coll: CollectionRow, trees: int =
     """Build the collection's index from the embeddings written up to its current watermark, and swap it in.
 
     The watermark is read first: rows written after it (by loads running meanwhile) carry a higher
-    embedding_seq and stay in the delta. Annoy builds on disk, so memory holds the trees, not every vector twice.
+    embedding_seq and stay in the delta. It is read once no batch holds the collection row (`settled_row`): a batch
+    stamped at or below it has committed everywhere, also on a cluster's workers, which commit after the coordinator.
+    Annoy builds on disk, so memory holds the trees, not every vector twice.
     """
     from annoy import AnnoyIndex
 
-    with db.connect() as conn:
-        state = find_row(conn, coll.name)
+    state = settled_row(db, coll.name)
     stem = f"{file_stem(coll.name)}.{time.time_ns()}"
     ann, ids_path = annoy_dir / f"{stem}.ann", annoy_dir / f"{stem}.ids.npy"
     index = AnnoyIndex(state.pca_dims, METRIC)

@@ -324,9 +324,11 @@ def db_url(database_url):
 @db.command("upgrade")
 @click.option("--batch-size", type=click.IntRange(100), default=10_000, show_default=True, metavar="N",
               help="Pictures copied per committed batch when a migration rewrites them.")
+@click.option("--shards", type=click.IntRange(1, 4096), default=32, show_default=True, metavar="N",
+              help="On a Citus coordinator: shards of the pictures' tables, when they are distributed (once).")
 @database_option
 @json_option
-def db_upgrade(batch_size, database_url, as_json):
+def db_upgrade(batch_size, shards, database_url, as_json):
     """Apply migrations up to the newest (idempotent). Every command applies those that only add; one that rewrites
     stored pictures runs only here: disk checked first, committed batches with progress, rerun after a crash to go on.
     docs/migrations.md.
@@ -340,7 +342,7 @@ def db_upgrade(batch_size, database_url, as_json):
     from ingest.upgrade import upgrade_database
 
     database = connect(Settings.load(database_url), migrate=False)
-    report = upgrade_database(database, batch=batch_size, progress=not as_json)
+    report = upgrade_database(database, batch=batch_size, progress=not as_json, shards=shards)
     if as_json:
         print_json(asdict(report))
         return
@@ -348,7 +350,8 @@ def db_upgrade(batch_size, database_url, as_json):
         click.echo(f"disk: {report.disk}", err=True)
     moved = f", {report.copied} pictures moved into per-collection partitions" if report.copied else ""
     rebuilt = f", {report.hnsw_rebuilt} HNSW index(es) built again" if report.hnsw_rebuilt else ""
-    click.echo(f"database at revision {report.after} (was {report.before or 'empty'}){moved}{rebuilt}")
+    spread = f", tables distributed into {report.distributed} shards" if report.distributed else ""
+    click.echo(f"database at revision {report.after} (was {report.before or 'empty'}){moved}{spread}{rebuilt}")
 
 
 @db.command("stop")

@@ -34,6 +34,7 @@ class Database:
     kind: str
     settings: Settings | None = field(default=None, repr=False, compare=False)
     _reader: Database | None = field(default=None, init=False, repr=False, compare=False)
+    _distributed: bool | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def url(self) -> str:
@@ -46,6 +47,16 @@ class Database:
     def begin(self):
         """A connection inside a transaction that commits when the block ends (rolls back on error)."""
         return self.engine.begin()
+
+    @property
+    def distributed(self) -> bool:
+        """Whether the tables live on a Citus cluster (ingest/cluster.py): asked once per pool."""
+        if self._distributed is None:
+            from ingest.cluster import has_citus, is_distributed
+
+            with self.connect() as conn:
+                self._distributed = has_citus(conn) and is_distributed(conn)
+        return self._distributed
 
     def reader(self) -> Database:
         """The least-privilege pool on the same server that runs SQL users write (ingest.reader), opened on first use."""
@@ -120,6 +131,8 @@ def connect(settings: Settings, migrate: bool = True) -> Database:
         db = open_engine(Database(sa.create_engine(sqlalchemy_url(settings.database_url), pool_pre_ping=True), "external", settings))
     else:
         db = open_engine(Database(sa.create_engine(embedded_url(settings.pgdata)), "embedded", settings))
+    if migrate:
+        refuse_undistributed(db)
     if migrate and current_revision(db.engine) != HEAD_REVISION:
         refuse_rewrites(db.engine)
         upgrade(db.engine)
@@ -128,6 +141,17 @@ def connect(settings: Settings, migrate: bool = True) -> Database:
 
         prepare(db)  # the login users' SQL runs as, made now so a read replica has it too (ingest.reader)
     return db
+
+
+def refuse_undistributed(db: Database) -> None:
+    """On a Citus coordinator, the tables are made and distributed by `ingest db upgrade` (it takes --shards) before any
+    other command runs: tables made by a first load would stay on the coordinator alone."""
+    from ingest.cluster import has_citus, is_distributed
+
+    with db.connect() as conn:
+        if has_citus(conn) and not is_distributed(conn):
+            raise DatabaseError(f"the database at {describe(db.engine)} is a Citus coordinator whose tables are not distributed "
+                                "yet: run `ingest db upgrade --shards N` first (docs/cluster.md)")
 
 
 def refuse_rewrites(sqla: Engine) -> None:

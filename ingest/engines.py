@@ -119,13 +119,25 @@ def filtered_cursor(db: Database, flt: Filter, *, timeout: str | None, exact: bo
         cur = raw_cursor(conn)
         if exact:  # an HNSW or IVFFlat index answers approximately, and only through an ordered index scan; a bitmap
             # scan (a filter's rows found through the label's b-tree) stays allowed
-            cur.execute("SELECT set_config('enable_indexscan', 'off', true)")
+            set_local(cur, db, enable_indexscan="off")
         yield cur
+
+
+def set_local(cur, db: Database, **settings: str | int) -> None:
+    """SET LOCAL planner settings for the cursor's transaction, in one round trip; on a Citus cluster they reach the
+    shards too (Citus forwards SET LOCAL once told to). Values are the engines' own
+    (names and numbers), never a user's."""
+    statements = [f"SET LOCAL {name.replace('__', '.')} = '{value}'" for name, value in settings.items()]
+    if db.distributed:
+        statements.insert(0, "SET LOCAL citus.propagate_set_commands = 'local'")
+    cur.execute("; ".join(statements))
 
 
 def estimated_rows(db: Database, collection_id: int, flt: Filter, *, timeout: str | None) -> float:
     """How many of the collection's searchable rows the planner expects the filter to keep (one EXPLAIN, no rows read;
     a --where is estimated on the reader's login, as it would run)."""
+    if db.distributed:  # the coordinator's plan does not say; HNSW's iterative scans answer (docs/cluster.md)
+        return float("inf")
     with filtered_cursor(db, flt, timeout=timeout) as cur:
         cur.execute("EXPLAIN (FORMAT JSON) " + flt.scoped("1", "embedding IS NOT NULL", collection_id), flt.params(collection_id))
         return float(cur.fetchone()[0][0]["Plan"]["Plan Rows"])

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ingest.engines import Engine, EngineName, Hit, QueryArgs, filtered_cursor, ranked
+from ingest.engines import Engine, EngineName, Hit, QueryArgs, filtered_cursor, ranked, set_local
 from ingest.errors import IndexFileError
 from ingest.filters import Filter
 
@@ -43,11 +43,8 @@ class HnswSearch(Engine):
         if problem:
             raise IndexFileError(problem)
         with filtered_cursor(self.db, flt, timeout=self.timeout) as cur:
-            cur.execute(
-                "SELECT set_config('plan_cache_mode', 'force_custom_plan', true), set_config('enable_sort', 'off', true),"
-                " set_config('hnsw.ef_search', %s, true), set_config('hnsw.iterative_scan', %s, true)",
-                (str(self.ef_search(k, args)), "relaxed_order" if flt.narrows or flt.exclude else "off"),
-            )
+            set_local(cur, self.db, plan_cache_mode="force_custom_plan", enable_sort="off", hnsw__ef_search=self.ef_search(k, args),
+                      hnsw__iterative_scan="relaxed_order" if flt.narrows or flt.exclude else "off")
             cur.execute(("EXPLAIN " if explain else "") + self.sql(flt),
                         flt.params(self.coll.id) | {"q": np.asarray(vector, dtype=np.float32), "k": k})
             return cur.fetchall()

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 
 from ingest import locks
 from ingest.db import Database
-from ingest.store import delete_images
+from ingest.store import delete_images, raw_cursor, sequential, write_paths
 
 
 @dataclass
@@ -79,14 +79,17 @@ def apply(db: Database, collection_id: int, changes: Changes) -> int:
     Returns the images deleted."""
     with db.begin() as conn:
         locks.lock_in_transaction(conn, locks.COLLECTION, of=collection_id)
+        sequential(conn)
+        conn.exec_driver_sql("SELECT 1 FROM collections WHERE id = %s FOR UPDATE", (collection_id,))  # as every path writer
         if changes.forget:
             conn.execute(sa.text("DELETE FROM image_paths WHERE collection_id = :c AND path = ANY(:p)"),
                          {"c": collection_id, "p": changes.forget})
         if changes.upsert:
-            conn.execute(sa.text("INSERT INTO image_paths (collection_id, sha256, image_id, path) SELECT :c, i.sha256, i.id, :p"
-                                 " FROM images i WHERE i.id = :i AND i.collection_id = :c ON CONFLICT (collection_id, path)"
-                                 " DO UPDATE SET image_id = EXCLUDED.image_id, sha256 = EXCLUDED.sha256"),
-                         [{"c": collection_id, "p": p, "i": i} for p, i in changes.upsert.items()])
+            shas = dict(conn.execute(sa.text("SELECT id, sha256 FROM images WHERE collection_id = :c AND id = ANY(:i)"),
+                                     {"c": collection_id, "i": sorted(set(changes.upsert.values()))}).all())
+            rows = [(shas[i], i, p) for p, i in changes.upsert.items() if i in shas]
+            if rows:
+                write_paths(raw_cursor(conn), collection_id, rows)
         if changes.shown:
             conn.execute(sa.text("UPDATE images SET path = :p, label = :l WHERE id = :i AND collection_id = :c"),
                          [{"c": collection_id, "p": p, "l": label, "i": i} for i, (p, label) in changes.shown.items()])

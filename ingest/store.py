@@ -122,6 +122,15 @@ def find_row(conn: Connection, name: str) -> CollectionRow | None:
     return to_row(row) if row else None
 
 
+def settled_row(db: Database, name: str) -> CollectionRow | None:
+    """The collection row once no transaction holds it: a batch writing rows holds it until its commit is over on every
+    node (a Citus transaction releases its locks only after the workers' commits), so every row stamped at or below
+    the embedding_seq read here is visible to whoever reads next (an index build's watermark)."""
+    with db.begin() as conn:
+        row = conn.exec_driver_sql(f"SELECT {COLLECTION_COLUMNS} FROM collections WHERE name = %s FOR SHARE", (name,)).first()
+        return to_row(row) if row else None
+
+
 def all_rows(conn: Connection) -> list[CollectionRow]:
     return [to_row(r) for r in conn.exec_driver_sql(f"SELECT {COLLECTION_COLUMNS} FROM collections ORDER BY name")]
 
@@ -181,23 +190,24 @@ def insert_images(
     Raw features are stored in half precision unless the collection keeps none and the batch has embeddings (a batch
     without them needs its raw features until `Collection.finish` projects them).
 
-    `embeddings` were projected with PCA `pca_version`. Writing embeddings bumps the collection's embedding_seq
-    and stamps the rows with it, holding the collection row until commit: writers of one collection commit in
-    seq order, so an index built at watermark S holds every row stamped S or less, and a refit (save_pca, which
-    updates the same row) waits for the batch. If the PCA changed since the load opened the collection, the
-    rows go in without embeddings and `Collection.finish` projects them with the current PCA.
+    `embeddings` were projected with PCA `pca_version`. Every batch bumps the collection's embedding_seq, holding the
+    collection row until commit, and stamps rows written with embeddings with it: writers of one collection commit in
+    seq order, so an index built at watermark S holds every row stamped S or less; a refit (save_pca, which updates
+    the same row) waits for the batch; and path writes (here, a sync's, a prune's) are one collection's at a time,
+    which keeps one picture per path where no unique key can (a Citus cluster: ingest/cluster.py). If the PCA changed
+    since the load opened the collection, the rows go in without embeddings and `Collection.finish` projects them.
+    Statements are plain INSERTs of a temporary table's rows, each with RETURNING where a count matters: what Citus
+    runs through its coordinator as well as one server does.
     """
     if not rows:
         return 0
     check_half_range(raw)
     with db.begin() as conn:
         cur = raw_cursor(conn)
-        seq, keep_raw = 0, True
-        if embeddings is not None:
-            seq, version, keep = bump_embedding_seq(cur, collection_id)
-            if version != pca_version:
-                embeddings, seq = None, 0
-            keep_raw = keep or embeddings is None
+        seq, version, keep_raw = bump_embedding_seq(cur, collection_id)
+        if embeddings is None or version != pca_version:
+            embeddings, seq = None, 0
+        keep_raw = keep_raw or embeddings is None
         cur.execute(
             "CREATE TEMP TABLE staging (path text, label text, sha256 text, width int, height int, bytes bigint, "
             f"raw halfvec({RAW_DIMS}), embedding vector) ON COMMIT DROP"
@@ -209,23 +219,30 @@ def insert_images(
                 half = HalfVector(raw[i].astype(np.float16)) if keep_raw else None
                 copy.write_row((r.path, r.label, r.sha256, r.width, r.height, r.bytes, half, emb))
         cur.execute(
-            "WITH added AS ("
-            " INSERT INTO images (collection_id, path, label, sha256, width, height, bytes, embedding, embedding_seq)"
+            "INSERT INTO images (collection_id, path, label, sha256, width, height, bytes, embedding, embedding_seq)"
             " SELECT DISTINCT ON (sha256) %(c)s, path, label, sha256, width, height, bytes, embedding, %(s)s FROM staging"
-            " ORDER BY sha256, path"
-            " ON CONFLICT (collection_id, sha256) DO NOTHING RETURNING id, sha256, path),"
-            " paths AS (INSERT INTO image_paths (collection_id, sha256, image_id, path) SELECT %(c)s, sha256, id, path FROM added"
-            " ON CONFLICT (collection_id, path) DO UPDATE SET image_id = EXCLUDED.image_id, sha256 = EXCLUDED.sha256),"
-            " raw AS (INSERT INTO features (collection_id, sha256, raw)"
-            " SELECT DISTINCT ON (a.sha256) %(c)s, a.sha256, s.raw FROM added a JOIN staging s USING (sha256) WHERE s.raw IS NOT NULL)"
-            " SELECT count(*) FROM added",
+            " ORDER BY sha256, path ON CONFLICT (collection_id, sha256) DO NOTHING RETURNING id, sha256, path",
             {"c": collection_id, "s": seq},
         )
-        added = cur.fetchone()[0]
-        cur.execute(
-            "DELETE FROM ingest_failures f USING staging s WHERE f.collection_id = %s AND f.path = s.path", (collection_id,)
-        )
-    return added
+        added = cur.fetchall()
+        if added:
+            write_paths(cur, collection_id, [(sha, image_id, path) for image_id, sha, path in added])
+            cur.execute("INSERT INTO features (collection_id, sha256, raw) SELECT DISTINCT ON (sha256) %s, sha256, raw"
+                        " FROM staging WHERE raw IS NOT NULL AND sha256 = ANY(%s) ORDER BY sha256",
+                        (collection_id, [sha for _, sha, _ in added]))
+        cur.execute("DELETE FROM ingest_failures WHERE collection_id = %s AND path = ANY(%s)",
+                    (collection_id, [r.path for r in rows]))
+    return len(added)
+
+
+def write_paths(cur, collection_id: int, rows: list[tuple[str, int, str]]) -> None:
+    """Record (sha256, image id, path) rows, each path leaving the picture it held before (one picture per path), in the
+    caller's transaction, which holds the collection row (every writer of paths takes it first)."""
+    shas, ids, paths = (list(column) for column in zip(*rows))
+    cur.execute("DELETE FROM image_paths WHERE collection_id = %s AND path = ANY(%s)", (collection_id, paths))
+    cur.execute("INSERT INTO image_paths (collection_id, sha256, image_id, path)"
+                " SELECT %s, s, i, p FROM unnest(%s::text[], %s::bigint[], %s::text[]) AS u(s, i, p)",
+                (collection_id, shas, ids, paths))
 
 
 def bump_embedding_seq(cur, collection_id: int) -> tuple[int, int, bool]:
@@ -391,10 +408,21 @@ def remove_images(db: Database, collection_id: int, ids: list[int]) -> int:
 def delete_images(conn: Connection, collection_id: int, ids: list[int]) -> int:
     """`remove_images` inside a caller's transaction (a prune also forgets paths in it): the one place rows are deleted.
     The collection row is taken first, as every writer of embeddings takes it, so a load and a prune cannot deadlock."""
+    sequential(conn)
     conn.exec_driver_sql("SELECT 1 FROM collections WHERE id = %s FOR UPDATE", (collection_id,))
-    removed = conn.exec_driver_sql("DELETE FROM images WHERE collection_id = %s AND id = ANY(%s)", (collection_id, list(ids))).rowcount
-    conn.exec_driver_sql("UPDATE collections SET removed_rows = removed_rows + %s WHERE id = %s", (removed, collection_id))
-    return removed
+    gone = list(conn.exec_driver_sql("SELECT sha256 FROM images WHERE collection_id = %s AND id = ANY(%s)",
+                                     (collection_id, list(ids))).scalars())
+    conn.exec_driver_sql("UPDATE collections SET removed_rows = removed_rows + %s WHERE id = %s", (len(gone), collection_id))
+    for table in reversed(partitions.TABLES):  # a cluster keeps no foreign keys between these (ingest/cluster.py)
+        conn.exec_driver_sql(f"DELETE FROM {table} WHERE collection_id = %s AND sha256 = ANY(%s)", (collection_id, gone))
+    return len(gone)
+
+
+def sequential(conn: Connection) -> None:
+    """A transaction that writes the collections row after writing pictures' rows: on a Citus cluster, a reference
+    table's row cannot be written after a parallel write to shards in the same transaction, so the shards are written
+    one connection at a time (a custom setting, which a server without Citus keeps and ignores)."""
+    conn.exec_driver_sql("SET LOCAL citus.multi_shard_modify_mode TO 'sequential'")
 
 
 def stored_image(db: Database, collection_id: int, *, image_id: int | None = None, sha256: str | None = None) -> StoredImage | None:

@@ -16,6 +16,7 @@ from sqlalchemy import text
 from tqdm import tqdm
 
 from ingest import hnsw, locks
+from ingest.cluster import DEFAULT_SHARDS, distribute, has_citus, is_distributed
 from ingest.db import HEAD_REVISION, Database, current_revision, upgrade
 from ingest.errors import DatabaseError
 
@@ -32,10 +33,12 @@ class UpgradeReport:
     copied: int = 0
     hnsw_rebuilt: int = 0
     disk: str = ""
+    distributed: int = 0  # shards the tables were distributed into by this upgrade (a Citus coordinator), else 0
 
 
-def upgrade_database(db: Database, *, batch: int = BATCH_ROWS, progress: bool = True) -> UpgradeReport:
-    """Bring the schema to the newest revision, converting stored pictures in place where a migration needs it."""
+def upgrade_database(db: Database, *, batch: int = BATCH_ROWS, progress: bool = True, shards: int = DEFAULT_SHARDS) -> UpgradeReport:
+    """Bring the schema to the newest revision, converting stored pictures in place where a migration needs it; on a
+    Citus coordinator, distribute the tables into `shards` shards once (a distributed database is left as it is)."""
     from migrations import partitioned_layout as layout
 
     report = UpgradeReport(current_revision(db.engine), HEAD_REVISION)
@@ -52,6 +55,11 @@ def upgrade_database(db: Database, *, batch: int = BATCH_ROWS, progress: bool = 
         from ingest.reader import prepare
 
         prepare(db)
+    with db.begin() as conn:
+        if has_citus(conn) and not is_distributed(conn):
+            distribute(conn, shards)
+            report.distributed = shards
+    db._distributed = None
     report.hnsw_rebuilt = rebuild_hnsw(db, progress)
     return report
 
