@@ -302,3 +302,53 @@ def test_an_annoy_build_during_a_load_never_misses_a_row_at_or_below_its_waterma
     assert len(builds) >= 2
     assert read_sidecar(settings.annoy_dir, name) is not None
 
+
+
+def test_a_single_server_database_moves_onto_the_cluster_where_it_is(cluster, ris_home, tmp_path, fake_extractor):
+    """Citus installed on a server that holds collections: `ingest db upgrade --shards` distributes the tables with
+    their rows, refused commands work again, and searches give what they gave before."""
+    from ingest.collection import Collection
+    from ingest.db import upgrade
+
+    urls = [u.rsplit("/", 1)[0] + "/moved" for u in (cluster.url, *cluster.worker_urls)]
+    for url, moved in zip((cluster.url, *cluster.worker_urls), urls):
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("DROP DATABASE IF EXISTS moved")
+            conn.execute("CREATE DATABASE moved")
+        if moved != urls[0]:
+            with psycopg.connect(moved, autocommit=True) as conn:
+                conn.execute("CREATE EXTENSION citus")
+    settings = Settings(home=ris_home, database_url=urls[0])
+    single = connect(settings, migrate=False)
+    upgrade(single.engine)  # the tables as one server has them, before Citus knows any worker
+    single.dispose()  # connections opened before the vector types existed do not know them
+    root = make_folder(tmp_path / "before", per_label=4, seed=41)
+    load_collection(single, settings, "moved", walk_folder(root)[0], fake_extractor, pca_dims=3, root=root, progress=False)
+    coll = Collection.named(single, settings, "moved")
+    ids, matrix = coll.read_vectors("embedding")
+    before = [[h.id for h in coll.similar(v, 5)] for v in matrix[:4]]
+    single.dispose()
+    with psycopg.connect(urls[0], autocommit=True) as conn:
+        conn.execute("CREATE EXTENSION citus")
+        conn.execute(f"SELECT citus_set_coordinator_host('127.0.0.1', {cluster.coordinator.port})")
+        for worker in cluster.workers:
+            conn.execute(f"SELECT citus_add_node('127.0.0.1', {worker.port})")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DATABASE_URL", urls[0])
+        refused = CliRunner().invoke(ingest_cli, ["status"])
+        assert refused.exit_code == 1 and "ingest db upgrade --shards" in refused.output
+        moved = CliRunner().invoke(ingest_cli, ["db", "upgrade", "--shards", "4"])
+        assert moved.exit_code == 0 and "distributed into 4 shards" in moved.output, moved.output
+    db = connect(settings)
+    coll = Collection.named(db, settings, "moved")
+    assert db.distributed
+    assert [[h.id for h in coll.similar(v, 5)] for v in matrix[:4]] == before
+    on_workers = 0
+    for url in urls[1:]:
+        with psycopg.connect(url) as conn:
+            conn.execute("SET citus.show_shards_for_app_name_prefixes = '*'")
+            tables = [r[0] for r in conn.execute("SELECT relname FROM pg_class WHERE relname ~ %s AND relkind = 'r'",
+                                                 (rf"^images_p{coll.id}_\d+$",))]
+            on_workers += sum(conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in tables)
+    assert on_workers == len(ids)
+    db.dispose()
