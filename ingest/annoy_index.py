@@ -24,7 +24,7 @@ from ingest.atomic import replacing, write_atomically
 from ingest.config import DEFAULT_TREES
 from ingest.db import Database
 from ingest.names import file_stem
-from ingest.store import settled_row, CollectionRow, find_row, vector_chunks
+from ingest.store import CollectionRow, settled_row, vector_chunks
 
 METRIC = "euclidean"
 ANNOY_SEED = 0

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator
 
 import numpy as np
 
-from ingest import counts, hnsw, locks, store
+from ingest import counts, hnsw, locks, partitions, projections, store
 from ingest.annoy_index import Sidecar, build_index, index_path, read_sidecar, staleness
 from ingest.config import DEFAULT_TREES, Settings
 from ingest.db import Database
@@ -25,14 +25,12 @@ from ingest.errors import CollectionError, ImageError, IndexFileError, RisError
 from ingest.filters import Filter
 from ingest.images import decode_image, read_file
 from ingest.names import check_name, may_exist
-from ingest.reduce import PCA_SAMPLE, PCA_SEED, Pca, fit_pca
+from ingest.reduce import PCA_SAMPLE, PCA_SEED, Pca, fit_pca, refit_due
 
 if TYPE_CHECKING:
     from ingest.features import Extractor
 
 DEFAULT_COLLECTION = "caltech101"
-PCA_REFIT_GROWTH = 4  # `refit_due`: a PCA is refitted once the collection holds this many times the pictures it was fitted on
-PCA_REFIT_MIN_ROWS = 100  # ... and at least this many
 
 
 @dataclass(frozen=True)
@@ -223,15 +221,15 @@ class Collection:
         with self.db.connect() as conn, locks.holding(conn, locks.COLLECTION, of=self.id):
             self.reload()
             if refit_dims is not None and self.pca is not None and not self.row.keeps_raw:
-                raise CollectionError(f"collection {self.name!r} keeps no raw features (loaded with --raw-features none), so its"
-                                      " PCA cannot be refitted; load the pictures into a new collection to change it")
+                raise CollectionError(f"collection {self.name!r} keeps no raw features (--raw-features none): its PCA cannot be refitted")
             if self.pca is None or refit_dims is not None:
                 self.fit(refit_dims or self.dims, at_most_rows=refit_dims is None)
             if self.pca is not None:  # rows stored without embeddings, or whose PCA was replaced meanwhile
                 for ids, raw in store.vector_chunks(self.db, self.id, "raw without embedding"):
-                    store.write_embeddings(self.db, self.id, ids, self.pca.project(raw))
+                    projections.write_embeddings(self.db, self.id, ids, self.pca.project(raw))
                 if not self.row.keeps_raw:
                     store.forget_raw(self.db, self.id)
+                partitions.refresh_statistics(self.db, self.id)  # a filter's expected rows pick its engine (searcher_for)
                 self.reload()
                 limit = self.settings.annoy_max_delta
                 if rebuild or self.index_problem() or self.index_delta(limit) > limit:
@@ -259,26 +257,15 @@ class Collection:
             pca = fit_pca(raw, dims)
             del raw
             hnsw.drop(self.db, self.id, rebuild=True)
-            store.save_pca(self.db, self.id, pca)
+            projections.save_pca(self.db, self.id, pca)
         self.reload()
 
     def refit_due(self, dims: int) -> int | None:
-        """The dims to refit PCA to now that the collection has grown (`ingest watch` asks after each batch), or None.
-
-        A fit cut to fewer dims than `dims` because there were no more pictures than that is refitted at `dims` once
-        the collection holds `dims` pictures. Any fit is refitted once the collection holds PCA_REFIT_MIN_ROWS
-        pictures and PCA_REFIT_GROWTH times those it held at the fit (at its own dims, or as many of `dims` as there
-        are pictures if it was cut), until one was fitted on a full PCA_SAMPLE. From a dozen pictures that is a refit
-        at 100, 128, 512, 2048, ... pictures: a growing collection is refitted a logarithmic number of times."""
-        if self.pca is None or not self.row.keeps_raw:  # without raw features there is nothing to refit from
+        """The dims to refit PCA to now that the collection has grown (`ingest watch` asks after each batch), or None
+        (the rule: ingest.reduce.refit_due). Without raw features there is nothing to refit from."""
+        if self.pca is None or not self.row.keeps_raw:
             return None
-        stored, at_fit = counts.pca_growth(self.db, self.id)
-        cut = self.pca.dims < dims and self.pca.dims >= at_fit
-        if cut and stored >= dims:
-            return dims
-        if stored >= max(PCA_REFIT_MIN_ROWS, PCA_REFIT_GROWTH * at_fit) and at_fit < PCA_SAMPLE:
-            return min(dims, stored) if cut else self.pca.dims
-        return None
+        return refit_due(self.pca.dims, dims, *counts.pca_growth(self.db, self.id))
 
     def set_planned_dims(self, dims: int) -> None:
         """Settle the dims of a collection whose PCA is not fitted yet."""

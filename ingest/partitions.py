@@ -35,3 +35,19 @@ def drop(conn: Connection, collection_id: int) -> None:
     if conn.exec_driver_sql("SELECT to_regclass(%s) IS NOT NULL", (images,)).scalar():
         conn.exec_driver_sql(f"ALTER TABLE images DETACH PARTITION {images}")
         conn.exec_driver_sql(f"DROP TABLE {images}")
+
+
+def refresh_statistics(db, collection_id: int) -> bool:
+    """ANALYZE the collection's pictures partition when the planner knows too little of it: never analyzed, or more
+    rows written since than autovacuum's own rule allows (50 + 10%), without waiting for its next round. A search
+    picks its engine from the planner's estimate of a filter's rows (Collection.searcher_for); with no statistics that
+    estimate is a guess (0.5% of 0.5% of the rows for a label), so every filtered HNSW query of a collection just
+    loaded would go exact until autovacuum came by. Returns whether it ran."""
+    images = partition("images", collection_id)
+    with db.begin() as conn:
+        stale = conn.exec_driver_sql(
+            "SELECT coalesce(last_analyze, last_autoanalyze) IS NULL OR n_mod_since_analyze > 50 + 0.1 * n_live_tup"
+            " FROM pg_stat_user_tables WHERE relid = to_regclass(%s)", (images,)).scalar()
+        if stale:
+            conn.exec_driver_sql(f"ANALYZE {images}")
+    return bool(stale)

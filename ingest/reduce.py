@@ -67,3 +67,24 @@ def fit_pca(raw: np.ndarray, dims: int) -> Pca:
     pca = PCA(n_components=dims, random_state=PCA_SEED).fit(normalize(raw))
     f32 = lambda a: np.asarray(a, dtype=np.float32)  # noqa: E731
     return Pca(f32(pca.mean_), f32(pca.components_), f32(pca.explained_variance_ratio_))
+
+
+PCA_REFIT_GROWTH = 4  # `refit_due`: a PCA is refitted once the collection holds this many times the pictures it was fitted on
+PCA_REFIT_MIN_ROWS = 100  # ... and at least this many
+
+
+def refit_due(fitted_dims: int, dims: int, stored: int, at_fit: int) -> int | None:
+    """The dims to refit a PCA of `fitted_dims` to, for a collection planned at `dims` that holds `stored` pictures and
+    held `at_fit` when it was fitted, or None.
+
+    A fit cut to fewer dims than `dims` because there were no more pictures than that is refitted at `dims` once
+    the collection holds `dims` pictures. Any fit is refitted once the collection holds PCA_REFIT_MIN_ROWS
+    pictures and PCA_REFIT_GROWTH times those it held at the fit (at its own dims, or as many of `dims` as there
+    are pictures if it was cut), until one was fitted on a full PCA_SAMPLE. From a dozen pictures that is a refit
+    at 100, 128, 512, 2048, ... pictures: a growing collection is refitted a logarithmic number of times."""
+    cut = fitted_dims < dims and fitted_dims >= at_fit
+    if cut and stored >= dims:
+        return dims
+    if stored >= max(PCA_REFIT_MIN_ROWS, PCA_REFIT_GROWTH * at_fit) and at_fit < PCA_SAMPLE:
+        return min(dims, stored) if cut else fitted_dims
+    return None

@@ -26,7 +26,8 @@ from ingest.batches import LoadSummary, prepare, store_batch
 from ingest.load import load_collection
 from ingest.reduce import fit_pca
 from ingest.sources import walk_folder
-from ingest.store import read_vectors, save_pca
+from ingest.projections import save_pca
+from ingest.store import read_vectors
 from tests.helpers import BIN, CLASSES, COLOURS, LOAD_OPTIONS, PROCESS_TIMEOUT, check_consistent, child_env, cli, collection_id, collection_row, Finished, hostile_tar, load_args, make_caltech_tree, make_folder, make_load_folder, make_tar_gz, pg_ctl, restart, Running, sha256_of
 from tests.pg import TcpPostgres
 

@@ -5,48 +5,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import hashlib
 
 import numpy as np
 import pytest
-import sqlalchemy as sa
 
-from ingest import store
+from ingest import projections, store
 from ingest.annoy_index import read_sidecar
 from ingest.collection import Collection
 from ingest.counts import count_searchable
 from ingest.errors import IndexFileError
 from ingest.filters import Filter
 from ingest.reduce import fit_pca
-from ingest.store import ImageRow
-
-
-def raw_features(n: int, *, clusters: int = 20, seed: int = 0, shift: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
-    """Clustered non-negative 2048-d vectors (like pooled CNN features) and the cluster of each."""
-    rng = np.random.default_rng(seed)
-    centres = rng.normal(size=(clusters, 2048)).astype(np.float32) + shift
-    which = rng.integers(0, clusters, n)
-    return np.maximum(centres[which] + 0.4 * rng.normal(size=(n, 2048)), 0).astype(np.float32), which
-
-
-def add_rows(coll: Collection, raw: np.ndarray, labels: list[str], *, tag: str) -> np.ndarray:
-    """Store rows as a load's batch does (embeddings projected with the current PCA, if any); returns their ids."""
-    rows = [ImageRow(f"/synthetic/{coll.name}/{tag}{i}.jpg", labels[i], hashlib.sha256(f"{coll.name}/{tag}{i}".encode()).hexdigest(), 1, 1, 1)
-            for i in range(len(raw))]
-    embeddings = coll.pca.project(raw) if coll.pca is not None else None
-    store.insert_images(coll.db, coll.id, rows, raw, embeddings, pca_version=coll.row.pca_version)
-    with coll.db.connect() as conn:
-        ids = conn.execute(sa.text("SELECT id FROM images WHERE collection_id = :c AND sha256 = ANY(:s) ORDER BY id"),
-                           {"c": coll.id, "s": [r.sha256 for r in rows]}).scalars().all()
-    return np.array(ids, dtype=np.int64)
-
-
-def synthetic(db, settings, name: str, n: int, *, dims: int = 8, labels: list[str] | None = None, trees: int = 10) -> Collection:
-    raw, which = raw_features(n)
-    row = store.create_row(db, name, "synthetic", "0" * 64, dims)
-    coll = Collection(db, settings, row)
-    add_rows(coll, raw, labels or [f"c{w}" for w in which], tag="r")
-    return coll.finish(trees=trees)
+from tests.helpers import add_rows, raw_features, synthetic
 
 
 def exact(coll: Collection, vector: np.ndarray, k: int, **filters) -> list[int]:
@@ -147,7 +117,7 @@ def test_an_open_annoy_engine_refuses_once_the_pca_changes(db, settings):
     coll = synthetic(db, settings, "refit-open", 100)
     engine = coll.engine("annoy")
     _, raw = store.vectors_of(db, coll.id, "raw", store.image_ids(db, coll.id))
-    store.save_pca(db, coll.id, fit_pca(raw, 8))
+    projections.save_pca(db, coll.id, fit_pca(raw, 8))
     with pytest.raises(IndexFileError, match="stale"):
         engine.search(np.zeros(8, np.float32), 5)
 
