@@ -368,9 +368,9 @@ class Collection:
         if space == "raw":
             return self.raw_engine(engine)
         chosen = self.engine(engine)
-        if chosen.name == EngineName.HNSW and flt.narrows and \
+        if not chosen.exact and flt.narrows and \
                 estimated_rows(self.db, self.id, flt, timeout=self.settings.statement_timeout) <= EXACT_FILTER_ROWS:
-            return self.engine(EngineName.PGVECTOR)  # a selective filter: exact is faster than HNSW's iterative scan, and complete
+            return self.engine(EngineName.PGVECTOR)  # a selective filter: exact is faster than an index, and complete
         return chosen
 
     def similar(self, query: Query | np.ndarray, k: int = 10, *, engine: str = EngineName.PGVECTOR, label: str | None = None,

@@ -343,4 +343,5 @@ def reembed(db: Database, settings: Settings, coll: Collection, *, into: str, we
     if extractor.fingerprint != fingerprint(backbone):
         raise WeightsError(f"{weights_path} does not load back as the tuned backbone")
     candidates = [Candidate(Path(path), label) for path, label in store.image_files(db, coll.id)]
-    load_collection(db, settings, into, candidates, extractor, pca_dims=min(coll.dims, len(candidates)), progress=progress)
+    load_collection(db, settings, into, candidates, extractor, pca_dims=min(coll.dims, len(candidates)), progress=progress,
+                    raw_features=coll.row.raw_features)  # the source's choice: no raw features kept stays so

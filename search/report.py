@@ -276,7 +276,10 @@ def load_images(coll: Collection, ids: np.ndarray, *, with_raw: bool = False) ->
     ids, vectors = coll.vectors_of("embedding", ids)
     rows = coll.details(ids.tolist())
     raw, note = None, None
-    if with_raw:
+    if with_raw and not coll.row.keeps_raw:
+        note = (f"collection {coll.name!r} keeps no raw features (loaded with --raw-features none): KNN on the raw features, "
+                "its t-SNE maps, the dims sweep and the PCA variance curve are left out.")
+    elif with_raw:
         raw_ids, raw = coll.vectors_of("raw", ids)
         if len(raw_ids) < len(ids):
             raw, note = None, (f"{len(ids) - len(raw_ids)} of the {len(ids)} images in this report have no raw features stored "

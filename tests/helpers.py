@@ -121,6 +121,42 @@ def collection_row(db, name: str):
         return store.find_row(conn, name)
 
 
+
+# --- collections made straight through the write path (no CNN) --------------------------------------
+
+
+def raw_features(n: int, *, clusters: int = 20, seed: int = 0, shift: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Clustered non-negative 2048-d vectors (like pooled CNN features) and the cluster of each."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(clusters, 2048)).astype(np.float32) + shift
+    which = rng.integers(0, clusters, n)
+    return np.maximum(centres[which] + 0.4 * rng.normal(size=(n, 2048)), 0).astype(np.float32), which
+
+
+def add_rows(coll, raw: np.ndarray, labels: list[str], *, tag: str) -> np.ndarray:
+    """Store rows as a load's batch does (embeddings projected with the current PCA, if any); returns their ids."""
+    from ingest import store
+
+    rows = [store.ImageRow(f"/synthetic/{coll.name}/{tag}{i}.jpg", labels[i],
+                           hashlib.sha256(f"{coll.name}/{tag}{i}".encode()).hexdigest(), 1, 1, 1) for i in range(len(raw))]
+    embeddings = coll.pca.project(raw) if coll.pca is not None else None
+    store.insert_images(coll.db, coll.id, rows, raw, embeddings, pca_version=coll.row.pca_version)
+    with coll.db.connect() as conn:
+        ids = conn.execute(sa.text("SELECT id FROM images WHERE collection_id = :c AND sha256 = ANY(:s) ORDER BY id"),
+                           {"c": coll.id, "s": [r.sha256 for r in rows]}).scalars().all()
+    return np.array(ids, dtype=np.int64)
+
+
+def synthetic(db, settings, name: str, n: int, *, dims: int = 8, labels: list[str] | None = None, trees: int = 10):
+    """A finished collection of n clustered rows (PCA, Annoy file), labelled by cluster unless `labels` are given."""
+    from ingest import store
+    from ingest.collection import Collection
+
+    raw, which = raw_features(n)
+    coll = Collection(db, settings, store.create_row(db, name, "synthetic", "0" * 64, dims))
+    add_rows(coll, raw, labels or [f"c{w}" for w in which], tag="r")
+    return coll.finish(trees=trees)
+
 # --- running the commands ---------------------------------------------------------------------------
 
 
