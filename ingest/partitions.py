@@ -8,14 +8,50 @@ a partition's own HNSW index). The layout and its keys are in docs/storage.md.
 """
 from __future__ import annotations
 
-from sqlalchemy.engine import Connection
+import random
+import time
 
+from psycopg.errors import LockNotAvailable
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import OperationalError
+
+NOWAIT_FOR = 1.0  # seconds lock_for_ddl tries without waiting, before it queues
+LOCK_WAIT = "100ms"  # each queued try of lock_for_ddl
 TABLES = ("images", "features", "image_paths", "finetune_splits")  # referenced first, referencing after
 
 
 def partition(table: str, collection_id: int) -> str:
     """The partition of `table` that holds a collection's rows."""
     return f"{table}_p{int(collection_id)}"
+
+
+def lock_for_ddl(conn: Connection) -> None:
+    """Call first in a transaction that makes or drops partitions: it takes every lock their DDL takes, up front.
+
+    The DDL takes each parent table (ACCESS EXCLUSIVE), then `collections`, which their foreign keys reference. A
+    batch's writer takes its collection's row first and the pictures' tables after, and a reader may hold one parent
+    while it asks for another: taken as the DDL goes, these orders deadlock (two new collections made at once, one
+    made or removed while another is loaded or read; on one server, and on a Citus cluster every time). So:
+    `collections` first, EXCLUSIVE (writers' row locks wait for it, plain reads go on), then the parents all at once:
+    for a second without waiting (a transaction that waits for nothing closes no cycle), then, so that a steady stream
+    of queries cannot hold it off, queued behind them for LOCK_WAIT at a time, which gives way before PostgreSQL's
+    deadlock check (deadlock_timeout, 1 s) and mostly before Citus's (every 2 s) would cancel a reader."""
+    conn.exec_driver_sql("LOCK TABLE collections IN EXCLUSIVE MODE")
+    started = time.monotonic()
+    while True:
+        queued = time.monotonic() - started > NOWAIT_FOR
+        try:
+            with conn.begin_nested():
+                if queued:
+                    conn.exec_driver_sql(f"SET LOCAL lock_timeout = '{LOCK_WAIT}'")
+                conn.exec_driver_sql(f"LOCK TABLE {', '.join(TABLES)} IN ACCESS EXCLUSIVE MODE{'' if queued else ' NOWAIT'}")
+                if queued:
+                    conn.exec_driver_sql("SET LOCAL lock_timeout TO DEFAULT")
+            return
+        except OperationalError as e:
+            if not isinstance(e.orig, LockNotAvailable):
+                raise
+            time.sleep(random.uniform(0, 0.05))
 
 
 def create(conn: Connection, collection_id: int) -> None:

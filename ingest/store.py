@@ -146,6 +146,7 @@ def search_state(db: Database, collection_id: int) -> tuple[int, int, bool] | No
 def delete_row(conn: Connection, collection_id: int) -> None:
     """Delete a collection: its partitions are dropped (images, features, paths and splits, with their indexes),
     its row deleted (failures go by ON DELETE CASCADE)."""
+    partitions.lock_for_ddl(conn)
     partitions.drop(conn, collection_id)
     conn.exec_driver_sql("DELETE FROM collections WHERE id = %s", (collection_id,))
 
@@ -153,16 +154,23 @@ def delete_row(conn: Connection, collection_id: int) -> None:
 def create_row(db: Database, name: str, weights: str, fingerprint: str, pca_dims: int, precision: str = "fp32",
                runtime: str = "openvino", raw_features: str = "half") -> CollectionRow:
     """Insert the collection with its partitions if it is new; either way return the row as stored (its weights,
-    precision and raw features may differ)."""
-    with db.begin() as conn:
-        made = conn.exec_driver_sql(
-            "INSERT INTO collections (name, model, weights, weights_fingerprint, pca_dims, precision, runtime, raw_features) "
-            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (name) DO NOTHING RETURNING id",
-            (name, MODEL_NAME, weights, fingerprint, pca_dims, precision, runtime, raw_features),
-        ).scalar()
-        if made is not None:
-            partitions.create(conn, made)
-        return find_row(conn, name)
+    precision and raw features may differ). Only a new one waits for partitions.lock_for_ddl, in a transaction that
+    holds no other lock before it (the read that found none has ended: its lock could be one a removal waits for)."""
+    with db.connect() as conn:
+        found = find_row(conn, name)
+        conn.rollback()
+        if found is not None:
+            return found
+        with conn.begin():
+            partitions.lock_for_ddl(conn)
+            made = conn.exec_driver_sql(
+                "INSERT INTO collections (name, model, weights, weights_fingerprint, pca_dims, precision, runtime, raw_features) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (name) DO NOTHING RETURNING id",
+                (name, MODEL_NAME, weights, fingerprint, pca_dims, precision, runtime, raw_features),
+            ).scalar()
+            if made is not None:
+                partitions.create(conn, made)
+            return find_row(conn, name)
 
 
 def set_pca_dims(db: Database, collection_id: int, dims: int) -> None:

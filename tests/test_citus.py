@@ -236,6 +236,7 @@ def test_a_worker_stopped_mid_query_gives_one_line_and_no_answer(pictures, on_cl
         done = CliRunner().invoke(search_cli, ["similar", "-c", NAME, "--id", first, "--json"])
     finally:
         cluster.start_worker(0)
+        coll.db.engine.dispose()  # coordinator sessions that knew the stopped worker: new ones reconnect to it
     assert done.exit_code == 1
     assert "Traceback" not in done.output and done.stdout.strip() == ""
     assert "worker" in done.output.lower() or "remote node" in done.output.lower()
@@ -263,6 +264,7 @@ def test_a_worker_stopped_mid_load_loses_nothing_once_rerun(distributed, cluster
                             root=root, progress=False, batch_size=4)
     finally:
         cluster.start_worker(1)
+        distributed.engine.dispose()  # coordinator sessions that knew the stopped worker: new ones reconnect to it
     assert "remote node" in str(failed.value) or "essential" in str(failed.value) or "connection" in str(failed.value)
     monkeypatch.setattr(batches, "write_batch", real)
     distributed.engine.dispose()  # connections that saw the worker go
