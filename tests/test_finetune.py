@@ -57,14 +57,15 @@ def test_saved_weights_load_back_as_the_tuned_backbone(tuned, db, settings):
     extractor = FeatureExtractor(tuned.weights_path)
     coll = collection_row(db, "ftshapes-ft")
     assert coll.weights == tuned.weights_path and coll.weights_fingerprint == extractor.fingerprint
-    # The features stored for the new collection are the tuned backbone's, bit for bit up to float noise.
+    # The features stored for the new collection are the tuned backbone's, up to float noise and half-precision rounding.
     with db.engine.connect() as conn:
         path, raw = conn.execute(
             sa.text("SELECT i.path, f.raw FROM images i JOIN features f ON f.collection_id = i.collection_id AND f.sha256 = i.sha256 WHERE i.collection_id = :c LIMIT 1"),
             {"c": coll.id},
         ).one()
     vector = extractor.embed(decode_image(read_file(path)).pixels[None])[0]
-    np.testing.assert_allclose(vector, np.asarray(raw.to_numpy() if hasattr(raw, "to_numpy") else raw), atol=1e-4)
+    stored = np.asarray(raw.to_numpy() if hasattr(raw, "to_numpy") else raw, dtype=np.float32)
+    np.testing.assert_allclose(vector, stored, rtol=1e-3, atol=1e-4)  # stored in half precision: 2^-11 relative rounding
     source = collection_row(db, "ftshapes")
     assert source.weights_fingerprint != coll.weights_fingerprint  # conv5 was trained
     # The backbone inside the last checkpoint of the classifier is the one the weights file holds.
