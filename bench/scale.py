@@ -296,9 +296,10 @@ def run_child(argv: list[str], env: dict) -> tuple[float, float, dict | None]:
     return seconds, usage.ru_maxrss / 1024, json.loads(found) if found else None
 
 
-def run_step(title: str, argv: list[str], env: dict, results: dict) -> dict | None:
+def run_step(title: str, argv: list[str], env: dict, results: dict, log: Path | None = None) -> dict | None:
     """Run one step, add its figures (time, peak RSS, cores others kept busy meanwhile, load average, what it printed)
-    to `results`, print them and return them; a failed step is recorded (None) and the run goes on."""
+    to `results` (and a line of `log`, so a run cut short keeps them), print them and return them; a failed step is
+    recorded (None) and the run goes on."""
     watch = CpuWatch()
     try:
         seconds, rss, out = run_child(argv, env)
@@ -309,6 +310,9 @@ def run_step(title: str, argv: list[str], env: dict, results: dict) -> dict | No
     entry = {"step": title, "seconds": round(seconds, 1), "peak_rss_mib": round(rss), "result": out,
              "other_cores_busy": round(watch.cores()["other_cores"], 2), "load_average": round(os.getloadavg()[0], 2)}
     results["steps"].append(entry)
+    if log:
+        with log.open("a") as f:
+            f.write(json.dumps(entry) + "\n")
     shown = json.dumps(out) if out else ""
     click.echo(f"{title:44} {seconds:8.1f} s  peak RSS {rss:7.0f} MiB  load {entry['load_average']:5.2f}  "
                + (shown if len(shown) < 300 else shown[:300] + "..."))

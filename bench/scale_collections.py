@@ -244,7 +244,7 @@ class Plan:
 
     def run(self, title: str, argv: list[str], env: dict | None = None) -> dict:
         """The step's figures ({} if it failed: the run goes on)."""
-        return run_step(title, argv, env or self.env, self.results) or {}
+        return run_step(title, argv, env or self.env, self.results, Path(self.env["RIS_HOME"]) / "steps.jsonl") or {}
 
 
 def run(home: Path, env: dict, args: dict, trees: int, count: int, rows: int, results: dict) -> None:
